@@ -1,0 +1,4 @@
+"""The overlay: node ids, links, discovery, Pastry routing and Scribe trees.
+
+Nothing here knows about applications or the relay protocol.
+"""

@@ -99,7 +99,9 @@ class Init(NamedTuple):
     magic: str = CLIENT_MAGIC
 
     def encode(self) -> bytes:
-        return b"\x00" + encode_str(self.magic) + encode_str(self.version) + encode_str(self.cluster)
+        return (
+            b"\x00" + encode_str(self.magic) + encode_str(self.version) + encode_str(self.cluster)
+        )
 
 
 class Close(NamedTuple):

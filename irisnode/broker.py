@@ -1,0 +1,376 @@
+"""The node's messaging semantics among the endpoints attached to it.
+
+Pure: no sockets, no clock reads. Time arrives as ``now``; the owner calls
+:meth:`Broker.on_timer` at :meth:`Broker.next_deadline` (the ``wake`` callback
+says when that moves earlier).
+
+Guarantees kept here:
+
+* a request goes to exactly one member, the one with the fewest requests in
+  flight (ties broken round robin, congested members last), and its origin hears
+  exactly one outcome: the reply, the fault (even an empty one), or a timeout —
+  when the deadline passes, when the chosen member goes away before answering,
+  or when the node shuts down. A request for a cluster without members waits for
+  one until its deadline. Late answers are dropped quietly;
+* a broadcast reaches every member of the cluster once, the sender included;
+* an event reaches every subscriber of the topic once;
+* a tunnel offer is withdrawn, and only that tunnel fails, when the member does
+  not accept it within :data:`~irisnode.api.TUNNEL_CONFIRM_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from irisnode import tunnel
+from irisnode.api import DEFAULT_CHUNK_LIMIT, TUNNEL_CONFIRM_SECONDS, Endpoint, TunnelEnd
+
+_CONGESTION_PENALTY = 1 << 30
+
+
+class _Attachment:
+    """Broker-side state of one endpoint."""
+
+    __slots__ = ("alive", "cluster", "endpoint", "inflight", "offers", "topics")
+
+    def __init__(self, endpoint: Endpoint, cluster: str) -> None:
+        self.endpoint = endpoint
+        self.cluster = cluster
+        self.alive = True
+        self.inflight: dict[int, _Request] = {}  # requests delivered to this member
+        self.offers: dict[int, _Offer] = {}  # tunnel offers made to this member
+        self.topics: set[str] = set()
+
+
+class _Request:
+    __slots__ = (
+        "cluster",
+        "done",
+        "handle",
+        "member",
+        "origin",
+        "payload",
+        "request_id",
+        "timeout_ms",
+    )
+
+    def __init__(
+        self,
+        handle: int,
+        cluster: str,
+        origin: _Attachment,
+        request_id: int,
+        payload: bytes,
+        timeout_ms: int,
+    ) -> None:
+        self.handle = handle
+        self.cluster = cluster
+        self.origin = origin
+        self.request_id = request_id
+        self.payload = payload
+        self.timeout_ms = timeout_ms
+        self.member: _Attachment | None = None
+        self.done = False
+
+
+class _Offer:
+    __slots__ = ("cluster", "done", "handle", "member", "origin", "tunnel_id")
+
+    def __init__(self, handle: int, cluster: str, origin: _Attachment, tunnel_id: int) -> None:
+        self.handle = handle
+        self.cluster = cluster
+        self.origin = origin
+        self.tunnel_id = tunnel_id
+        self.member: _Attachment | None = None
+        self.done = False
+
+
+@dataclass
+class _Cluster:
+    members: list[_Attachment] = field(default_factory=list)
+    turn: int = 0
+    waiting: dict[int, _Request | _Offer] = field(default_factory=dict)  # parked, by handle
+
+
+class Broker:
+    """Clusters, topics, requests and tunnels for the endpoints of one node."""
+
+    def __init__(
+        self,
+        *,
+        wake: Callable[[float], None] = lambda deadline: None,
+        chunk_limit: int = DEFAULT_CHUNK_LIMIT,
+        confirm_seconds: float = TUNNEL_CONFIRM_SECONDS,
+    ) -> None:
+        self._wake = wake
+        self._chunk_limit = chunk_limit
+        self._confirm_seconds = confirm_seconds
+        self._attachments: dict[Endpoint, _Attachment] = {}
+        self._clusters: dict[str, _Cluster] = {}
+        self._topics: dict[str, dict[Endpoint, None]] = {}
+        self._requests: dict[int, _Request] = {}
+        self._offers: dict[int, _Offer] = {}
+        self._deadlines: list[tuple[float, int, _Request | _Offer]] = []
+        self._next_handle = 0
+        self._finished_early = 0  # finished items still in the deadline heap (roughly)
+        self.counters = {"requests": 0, "replies": 0, "faults": 0, "timeouts": 0, "late": 0}
+
+    # -- attachment ------------------------------------------------------------------
+
+    def attach(self, endpoint: Endpoint, cluster: str) -> None:
+        if endpoint in self._attachments:
+            raise ValueError("endpoint is already attached")
+        attachment = _Attachment(endpoint, cluster)
+        self._attachments[endpoint] = attachment
+        if cluster:
+            group = self._clusters.setdefault(cluster, _Cluster())
+            group.members.append(attachment)
+            waiting, group.waiting = group.waiting, {}
+            for item in waiting.values():
+                self._dispatch(group, item)
+
+    def detach(self, endpoint: Endpoint, reason: str) -> None:
+        attachment = self._attachments.pop(endpoint, None)
+        if attachment is None:
+            return
+        attachment.alive = False
+        if attachment.cluster:
+            group = self._clusters[attachment.cluster]
+            group.members.remove(attachment)
+            if not group.members and not group.waiting:
+                del self._clusters[attachment.cluster]
+        for request in list(attachment.inflight.values()):
+            self._time_out(request)
+        for offer in list(attachment.offers.values()):
+            self._fail_offer(offer)
+        for topic in attachment.topics:
+            subscribers = self._topics[topic]
+            del subscribers[endpoint]
+            if not subscribers:
+                del self._topics[topic]
+
+    @property
+    def endpoints(self) -> int:
+        return len(self._attachments)
+
+    # -- request / reply ----------------------------------------------------------
+
+    def request(
+        self,
+        origin: Endpoint,
+        request_id: int,
+        cluster: str,
+        request: bytes,
+        timeout_ms: int,
+        now: float,
+    ) -> None:
+        self.counters["requests"] += 1
+        if timeout_ms <= 0:
+            self.counters["timeouts"] += 1
+            origin.request_timed_out(request_id)
+            return
+        handle = self._new_handle()
+        pending = _Request(
+            handle, cluster, self._attachments[origin], request_id, request, timeout_ms
+        )
+        self._requests[handle] = pending
+        self._add_deadline(now + timeout_ms / 1000.0, pending)
+        group = self._clusters.get(cluster)
+        if group is None:
+            group = self._clusters[cluster] = _Cluster()
+        self._dispatch(group, pending)
+
+    def reply(self, member: Endpoint, handle: int, reply: bytes) -> None:
+        pending = self._answer(member, handle)
+        if pending is not None:
+            self.counters["replies"] += 1
+            pending.origin.endpoint.request_replied(pending.request_id, reply)
+
+    def fault(self, member: Endpoint, handle: int, fault: str) -> None:
+        pending = self._answer(member, handle)
+        if pending is not None:
+            self.counters["faults"] += 1
+            pending.origin.endpoint.request_faulted(pending.request_id, fault)
+
+    def _answer(self, member: Endpoint, handle: int) -> _Request | None:
+        """The live request ``member`` answers, now finished; None for a late or foreign one."""
+        pending = self._requests.get(handle)
+        if pending is None or pending.member is None or pending.member.endpoint is not member:
+            self.counters["late"] += 1
+            return None
+        del self._requests[handle]
+        del pending.member.inflight[handle]
+        self._finish(pending)
+        if not pending.origin.alive:
+            return None
+        return pending
+
+    def _time_out(self, pending: _Request) -> None:
+        self._finish(pending)
+        self._requests.pop(pending.handle, None)
+        if pending.member is not None:
+            pending.member.inflight.pop(pending.handle, None)
+        if pending.origin.alive:
+            self.counters["timeouts"] += 1
+            pending.origin.endpoint.request_timed_out(pending.request_id)
+
+    # -- broadcast and topics -----------------------------------------------------
+
+    def broadcast(self, cluster: str, message: bytes) -> None:
+        group = self._clusters.get(cluster)
+        if group is not None:
+            for member in group.members:
+                member.endpoint.deliver_broadcast(message)
+
+    def subscribe(self, endpoint: Endpoint, topic: str) -> None:
+        self._topics.setdefault(topic, {})[endpoint] = None
+        self._attachments[endpoint].topics.add(topic)
+
+    def unsubscribe(self, endpoint: Endpoint, topic: str) -> bool:
+        topics = self._attachments[endpoint].topics
+        if topic not in topics:
+            return False
+        topics.discard(topic)
+        subscribers = self._topics[topic]
+        del subscribers[endpoint]
+        if not subscribers:
+            del self._topics[topic]
+        return True
+
+    def publish(self, topic: str, event: bytes) -> None:
+        subscribers = self._topics.get(topic)
+        if subscribers is not None:
+            for endpoint in subscribers:
+                endpoint.deliver_event(topic, event)
+
+    # -- tunnels -----------------------------------------------------------------
+
+    def open_tunnel(
+        self, origin: Endpoint, tunnel_id: int, cluster: str, timeout_ms: int, now: float
+    ) -> None:
+        if timeout_ms <= 0:
+            origin.tunnel_failed(tunnel_id)
+            return
+        offer = _Offer(self._new_handle(), cluster, self._attachments[origin], tunnel_id)
+        self._offers[offer.handle] = offer
+        self._add_deadline(now + min(timeout_ms / 1000.0, self._confirm_seconds), offer)
+        group = self._clusters.get(cluster)
+        if group is None:
+            group = self._clusters[cluster] = _Cluster()
+        self._dispatch(group, offer)
+
+    def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
+        pending = self._offers.get(offer)
+        if pending is None or pending.member is None or pending.member.endpoint is not member:
+            return None
+        del self._offers[offer]
+        del pending.member.offers[offer]
+        self._finish(pending)
+        if not pending.origin.alive:
+            return None
+        origin = pending.origin.endpoint
+        near, far = tunnel.connect(origin, pending.tunnel_id, member, tunnel_id)
+        origin.tunnel_opened(pending.tunnel_id, near, self._chunk_limit)
+        origin.tunnel_allow(pending.tunnel_id, near.window)
+        member.tunnel_allow(tunnel_id, far.window)
+        return far
+
+    def _fail_offer(self, offer: _Offer) -> None:
+        self._finish(offer)
+        self._offers.pop(offer.handle, None)
+        if offer.member is not None:
+            offer.member.offers.pop(offer.handle, None)
+        if offer.origin.alive:
+            offer.origin.endpoint.tunnel_failed(offer.tunnel_id)
+
+    # -- dispatch and time -----------------------------------------------------------
+
+    def _dispatch(self, group: _Cluster, item: _Request | _Offer) -> None:
+        """Hand ``item`` to the least busy member, or park it until one attaches."""
+        members = group.members
+        count = len(members)
+        if count == 0:
+            group.waiting[item.handle] = item
+            return
+        if count == 1:
+            member = members[0]
+        else:
+            group.turn = start = (group.turn + 1) % count
+            member = members[start]
+            best = len(member.inflight) + (_CONGESTION_PENALTY if member.endpoint.congested else 0)
+            for step in range(1, count):
+                if best == 0:
+                    break
+                candidate = members[(start + step) % count]
+                load = len(candidate.inflight)
+                if candidate.endpoint.congested:
+                    load += _CONGESTION_PENALTY
+                if load < best:
+                    member, best = candidate, load
+        item.member = member
+        if isinstance(item, _Request):
+            member.inflight[item.handle] = item
+            member.endpoint.deliver_request(item.handle, item.payload, item.timeout_ms)
+        else:
+            member.offers[item.handle] = item
+            member.endpoint.offer_tunnel(item.handle, self._chunk_limit)
+
+    def _new_handle(self) -> int:
+        self._next_handle += 1
+        return self._next_handle
+
+    def _finish(self, item: _Request | _Offer) -> None:
+        """Mark ``item`` answered: it leaves its parking place, its deadline becomes moot."""
+        item.done = True
+        if isinstance(item, _Request):
+            item.payload = b""
+        if item.member is None:
+            group = self._clusters[item.cluster]
+            del group.waiting[item.handle]
+            if not group.members and not group.waiting:
+                del self._clusters[item.cluster]
+        self._finished_early += 1
+        heap = self._deadlines
+        if self._finished_early > 1024 and self._finished_early * 2 > len(heap):
+            # Answered requests linger in the heap until their deadline; drop them in bulk
+            # so a busy node does not hold a timeout's worth of finished work.
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+            self._finished_early = 0
+
+    def _add_deadline(self, deadline: float, item: _Request | _Offer) -> None:
+        heap = self._deadlines
+        if not heap or deadline < heap[0][0]:
+            self._wake(deadline)
+        heapq.heappush(heap, (deadline, item.handle, item))
+
+    def next_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def on_timer(self, now: float) -> None:
+        """Expire every request and tunnel offer whose deadline has passed."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, item = heapq.heappop(heap)
+            if item.done:
+                continue
+            if isinstance(item, _Request):
+                self._time_out(item)
+            else:
+                self._fail_offer(item)
+
+    def shut_down(self) -> None:
+        """Give every pending request and tunnel offer its outcome now: the node is going away."""
+        for _, _, item in sorted(self._deadlines):
+            if item.done:
+                continue
+            if isinstance(item, _Request):
+                self._time_out(item)
+            else:
+                self._fail_offer(item)
+        self._deadlines.clear()

@@ -1,0 +1,153 @@
+"""The ``irisnode`` command: the only place that touches the global reactor.
+
+``irisnode`` with no arguments runs a node in developer mode: the relay on
+127.0.0.1 and [::1] port 55555, no traffic off this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from irisnode import __version__
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    """A byte count, with an optional K/M/G suffix (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    scale = units.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale != 1 else text
+    try:
+        value = int(digits, 10) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 16M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irisnode",
+        description="Run an irisnode: applications on this machine attach over the Iris "
+        "relay protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"irisnode {__version__}")
+    parser.add_argument(
+        "--relay-port",
+        type=_port,
+        default=55555,
+        metavar="PORT",
+        help="relay port on 127.0.0.1 and [::1] (default 55555; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="least severe level to log"
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log line format"
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=16 << 20,
+        metavar="BYTES",
+        help="largest request, reply, broadcast or event accepted (default 16M)",
+    )
+    parser.add_argument(
+        "--max-backlog",
+        type=_size,
+        default=64 << 20,
+        metavar="BYTES",
+        help="unsent bytes per client beyond which broadcasts and events to it are dropped "
+        "(default 64M)",
+    )
+    return parser
+
+
+def start_logging(level: str, fmt: str, stream: TextIO) -> None:
+    from twisted.logger import (
+        FilteringLogObserver,
+        ILogFilterPredicate,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        globalLogBeginner,
+        jsonFileLogObserver,
+        textFileLogObserver,
+    )
+    from zope.interface import implementer
+
+    threshold = LogLevel.levelWithName(level)
+
+    @implementer(ILogFilterPredicate)
+    class QuietLegacy:
+        """Hide Twisted's legacy chatter ("Factory starting on 55555") unless debugging."""
+
+        def __call__(self, event: dict[str, Any]) -> Any:
+            if event.get("log_namespace") == "log_legacy" and threshold > LogLevel.debug:
+                return PredicateResult.no
+            return PredicateResult.maybe
+
+    observer = (
+        jsonFileLogObserver(stream, recordSeparator="")
+        if fmt == "json"
+        else textFileLogObserver(stream)
+    )
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=threshold), QuietLegacy()]
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(observer, predicates)], redirectStandardIO=False
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor as global_reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import Logger
+
+    from irisnode.node import Node, NodeConfig
+    from relay.server import RelayLimits
+
+    reactor: Any = global_reactor
+    log = Logger(namespace="irisnode")
+    start_logging(args.log_level, args.log_format, sys.stderr)
+    limits = RelayLimits(max_payload=args.max_message_size, max_backlog=args.max_backlog)
+    node = Node(reactor, NodeConfig(relay_port=args.relay_port, relay_limits=limits))
+    try:
+        node.start()
+    except CannotListenError as error:
+        print(f"irisnode: cannot listen on relay port {args.relay_port}: {error}", file=sys.stderr)
+        return 1
+    log.info(
+        "irisnode {version} ready: relay on {addresses}",
+        version=__version__,
+        addresses=" and ".join(node.relay_addresses),
+        relay_port=node.relay_port,
+    )
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(node.stop()))
+    reactor.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -199,9 +199,9 @@ class RelaySession:
             self._wire.abort(f"unsupported protocol version {packet.version!r}")
             return
         self.cluster = packet.cluster
-        self._messaging.attach(self, packet.cluster)
         self.state = State.OPEN
         self._wire.write(codec.Accepted().encode())
+        self._messaging.attach(self, packet.cluster)  # may deliver waiting requests at once
 
     def _on_second_init(self, packet: Init, now: float) -> None:
         raise RemoteProtocolError("INIT after the handshake")

@@ -23,12 +23,13 @@ from typing import Protocol
 
 from twisted.internet import defer
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall, IReactorSocket, IReactorTime
+from twisted.internet.interfaces import IReactorSocket, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from overlay.discovery import MAX_ADDRESSES, MAX_BEACON_SIZE, Discovery, DiscoveryEvent, SendBeacon
 from overlay.interfaces import Interface
+from overlay.timer import DeadlineTimer
 
 __all__ = [
     "DEFAULT_PORT",
@@ -228,25 +229,19 @@ class MulticastDiscovery:
         self._next_rescan = 0.0
         self._active: dict[str, _Active] = {}
         self._open_errors: dict[tuple[str, socket.AddressFamily], str] = {}
-        self._timer: IDelayedCall | None = None
-        self._running = False
+        self._timer = DeadlineTimer(clock, self._on_timer)
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the core, open the channels and send the first beacons."""
         now = self._clock.seconds()
-        self._running = True
         self._emit(self.core.start(now))
-        self._rescan(now)
-        self._run_timer(now)
+        self._timer.wake(self._on_timer(now))
 
     def stop(self) -> defer.Deferred[None]:
         """Close every channel; fires when the sockets are closed."""
-        self._running = False
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer.stop()
         closing = [self._close(name) for name in list(self._active)]
         return defer.gatherResults([d for ds in closing for d in ds]).addCallback(lambda _: None)
 
@@ -272,35 +267,19 @@ class MulticastDiscovery:
                 source=source[0],
                 interface=channel.interface.name,
             )
-        self._reschedule(now)
+        self._timer.wake(self._deadline())
 
-    def _run_timer(self, now: float) -> None:
-        self._timer = None
-        if not self._running:
-            return
+    def _on_timer(self, now: float) -> float:
         if now >= self._next_rescan:
             self._rescan(now)
         self._emit(self.core.on_timer(now))
-        self._reschedule(now)
-
-    def _fire(self) -> None:
-        self._run_timer(self._clock.seconds())
+        return self._deadline()
 
     # -- internals ------------------------------------------------------------------
 
-    def _reschedule(self, now: float) -> None:
-        if not self._running:
-            return
-        deadline = self._next_rescan
-        core_deadline = self.core.next_deadline()
-        if core_deadline is not None:
-            deadline = min(deadline, core_deadline)
-        delay = max(0.0, deadline - now)
-        if self._timer is not None and self._timer.active():
-            if abs(self._timer.getTime() - (now + delay)) < 1e-9:
-                return
-            self._timer.cancel()
-        self._timer = self._clock.callLater(delay, self._fire)
+    def _deadline(self) -> float:
+        core = self.core.next_deadline()
+        return self._next_rescan if core is None else min(core, self._next_rescan)
 
     def _emit(self, events: Sequence[DiscoveryEvent]) -> None:
         for event in events:
@@ -344,15 +323,15 @@ class MulticastDiscovery:
         if active is not None and active.interface.index != interface.index:
             self._close(name)  # the name now belongs to a new interface
             active = None
-        channels = {} if active is None else active.channels
+        old = {} if active is None else active.channels
         families = _families(interface)
-        for family in [f for f in channels if f not in families]:
-            channels.pop(family).close()
+        for family in [f for f in old if f not in families]:
+            old.pop(family).close()
+        channels = {}  # in order of preference: IPv6 first
         for family in families:
-            if family not in channels:
-                channel = self._open(interface, family)
-                if channel is not None:
-                    channels[family] = channel
+            channel = old.get(family) or self._open(interface, family)
+            if channel is not None:
+                channels[family] = channel
         for channel in channels.values():
             channel.interface = interface
         if not channels:

@@ -162,3 +162,36 @@ async def test_blocking_against_the_real_node(node: Node) -> None:
 
     assert await deferToThread(script) == (b"from a script", "bad input")
     await service.close()
+
+
+class BlockingEcho(blocking.ServiceHandler):
+    def __init__(self) -> None:
+        self.connection: blocking.BlockingConnection | None = None
+
+    def init(self, connection: blocking.BlockingConnection) -> None:
+        self.connection = connection
+        connection.publish("started", b"echo")  # blocking calls work from callbacks
+
+    def handle_request(self, request: bytes) -> bytes:
+        return request.upper()
+
+    def handle_tunnel(self, tunnel: blocking.BlockingTunnel) -> None:
+        with tunnel:
+            tunnel.send(tunnel.recv(timeout=5.0) * 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_service_and_client(node: Node) -> None:
+    port = node.relay_port
+
+    def script() -> tuple[bytes, bytes]:
+        handler = BlockingEcho()
+        with blocking.register("shout", handler, port), blocking.connect(port) as conn:
+            assert handler.connection is not None
+            reply = conn.request("shout", b"hey", 1.0)
+            with conn.tunnel("shout", 1.0) as tunnel:
+                tunnel.send(b"ab")
+                doubled = tunnel.recv(timeout=5.0)
+            return reply, doubled
+
+    assert await deferToThread(script) == (b"HEY", b"abab")

@@ -337,8 +337,11 @@ class ServiceHandler:
     def init(self, connection: Connection) -> Awaitable[None] | None:
         """The connection is open; keep ``connection`` to make requests of your own."""
 
-    def handle_request(self, request: bytes) -> bytes | Awaitable[bytes] | None:
-        """Return the reply; raise to send a fault whose text is ``str(exception)``."""
+    def handle_request(self, request: bytes) -> bytes | Awaitable[bytes | None] | None:
+        """Return the reply (``None`` is an empty reply); raise to send a fault.
+
+        The fault's text is ``str(exception)`` (its type name if that is empty).
+        """
         raise NotImplementedError("this service does not handle requests")
 
     def handle_broadcast(self, message: bytes) -> Awaitable[None] | None:

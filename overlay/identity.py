@@ -118,21 +118,35 @@ def _check_name(name: str) -> None:
 # Files: small versioned JSON, base64 fields, mode 0600
 
 
-def _write_private_json(path: Path, document: dict[str, Any]) -> None:
-    """Write atomically with mode 0600 from the start (never readable by others)."""
+def _write_private_json(path: Path, document: dict[str, Any], *, overwrite: bool) -> None:
+    """Write atomically with mode 0600 from the start (never readable by others).
+
+    Without ``overwrite`` an existing file is an error, checked atomically
+    (``link``), so two writers can never replace each other's key.
+    """
     text = json.dumps(document, indent=2) + "\n"
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot write: {exc.strerror}") from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise CredentialError(f"{path}: already exists; not overwriting it") from None
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot write: {exc.strerror}") from None
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path, file_type: str, what: str) -> dict[str, Any]:
@@ -227,7 +241,8 @@ class NetworkKey:
             self, node_public, serial=serial, not_before=not_before, not_after=not_after
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the key file (mode 0600); refuses to replace one unless told to."""
         _write_private_json(
             Path(path),
             {
@@ -237,10 +252,12 @@ class NetworkKey:
                 "seed": _b64(self.seed),
                 "public": _b64(self.public),
             },
+            overwrite=overwrite,
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> NetworkKey:
+    def load(cls, path: str | os.PathLike[str], *, expected_name: str | None = None) -> NetworkKey:
+        """Read a key file; with ``expected_name`` (``--net``), the names must agree."""
         where = Path(path)
         document = _read_json(where, NETWORK_FILE_TYPE, "network key")
         name = document.get("name")
@@ -254,6 +271,10 @@ class NetworkKey:
             raise CredentialError(f"{where}: {exc}") from None
         if key.public != public:
             raise CredentialError(f"{where}: the public key does not match the seed")
+        if expected_name is not None and key.name != expected_name:
+            raise CredentialError(
+                f"{where}: this key is for network {key.name!r}, not {expected_name!r}"
+            )
         return key
 
 
@@ -285,7 +306,7 @@ class NodeIdentity:
     def sign(self, message: bytes) -> bytes:
         return sign(self.secret, message)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         _write_private_json(
             Path(path),
             {
@@ -294,6 +315,7 @@ class NodeIdentity:
                 "seed": _b64(self.seed),
                 "public": _b64(self.public),
             },
+            overwrite=overwrite,
         )
 
     @classmethod
@@ -321,8 +343,10 @@ class NodeIdentity:
         identity = cls.generate(entropy)
         try:
             identity.save(path)
-        except OSError as exc:
-            raise CredentialError(f"{path}: cannot write node identity: {exc}") from None
+        except CredentialError:
+            if path.exists():  # another process created it first: use theirs
+                return cls.load(path)
+            raise
         return identity
 
 

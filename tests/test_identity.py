@@ -69,14 +69,26 @@ def test_save_never_widens_an_existing_files_mode(tmp_path: Path) -> None:
     path = tmp_path / "net.key"
     path.write_text("old")
     os.chmod(path, 0o644)
-    NET.save(path)
+    with pytest.raises(CredentialError, match="already exists"):
+        NET.save(path)
+    assert path.read_text() == "old", "keygen never clobbers an existing file"
+    NET.save(path, overwrite=True)
     assert mode_of(path) == 0o600
     assert NetworkKey.load(path) == NET
+    assert [p.name for p in tmp_path.iterdir()] == ["net.key"], "no temporary left behind"
+
+
+def test_load_checks_the_expected_network_name(tmp_path: Path) -> None:
+    path = tmp_path / "net.key"
+    NET.save(path)
+    assert NetworkKey.load(path, expected_name="home") == NET
+    with pytest.raises(CredentialError, match="for network 'home', not 'work'"):
+        NetworkKey.load(path, expected_name="work")
 
 
 def _corrupt(tmp_path: Path, edit: Callable[[dict[str, object]], None]) -> Path:
     path = tmp_path / "net.key"
-    NET.save(path)
+    NET.save(path, overwrite=True)
     document = json.loads(path.read_text())
     edit(document)
     path.write_text(json.dumps(document))

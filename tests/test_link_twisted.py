@@ -473,3 +473,27 @@ async def test_loopback_wrong_network_is_refused_and_retried() -> None:
         globalLogPublisher.removeObserver(observer)
         await a.stop()
         await b.stop()
+
+
+def test_dialer_whose_link_lost_the_duplicate_rule_waits_for_the_peer_to_go() -> None:
+    reactor = memory_reactor()
+    first, second = creds(1), creds(2)
+    high, low = sorted([first, second], key=lambda c: c.identity.node_id, reverse=True)
+    a, ha = service(high, reactor)  # a has the higher id: its own dial loses
+    b, _ = service(low, reactor)
+    dialer = a.connect("127.0.0.1", 4321)
+    dialed = End.of(reactor.tcpClients[0][2].buildProtocol(None))
+    b_in = End(b, Role.RESPONDER)
+    b_out, a_in = End(b, Role.INITIATOR), End(a, Role.RESPONDER)
+    pump((b_out, a_in))
+    pump((dialed, b_in))
+    assert dialed.link.close_reason == "duplicate-link"
+    assert a.links == {b.node_id: a_in.link}
+    dialed.link.connectionLost(lost())
+    assert dialer.parked_on == b.node_id
+    assert [c for c in reactor.getDelayedCalls() if c.active()] == [], "no redial while linked"
+    a_in.link.connectionLost(lost())
+    assert ha.lost == [(a_in.link, "connection-lost")]
+    (redial,) = reactor.getDelayedCalls()
+    reactor.advance(redial.getTime() - reactor.seconds())
+    assert len(reactor.tcpClients) == 2, "dials again once the peer has no link"

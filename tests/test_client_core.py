@@ -629,3 +629,32 @@ def test_many_timers_fire_in_deadline_order() -> None:
     feed(c, codec.TimedOut(2))  # its timer must not fire any more
     c.on_timer(10.0)
     assert c.take_events() == [core.RequestTimedOut(1), core.RequestTimedOut(0)]
+
+
+def test_a_silent_node_fails_the_handshake_after_the_timeout() -> None:
+    c = core.ClientCore(handshake_timeout=3.0)
+    c.connection_made(10.0)
+    assert c.next_deadline() == 13.0
+    c.on_timer(13.0)
+    [event] = c.take_events()
+    assert event == core.ConnectionClosed("the node did not answer the handshake in time", False)
+
+
+def test_the_handshake_timer_stops_at_the_acceptance() -> None:
+    c = core.ClientCore()
+    c.connection_made(0.0)
+    c.receive_data(codec.Accepted().encode(), 1.0)
+    assert c.next_deadline() is None
+
+
+def test_what_the_node_would_drop_the_connection_for_is_refused_locally() -> None:
+    c = opened("echo", max_payload=10)
+    with pytest.raises(ValueError, match="exceeds"):
+        c.request("x" * (codec.DEFAULT_MAX_NAME + 1), b"x", 1.0, 0.0)
+    with pytest.raises(ValueError, match="exceeds the limit of 10"):
+        c.publish("news", bytes(11))
+    with pytest.raises(ValueError, match="reply of 11 bytes"):
+        c.reply(0, bytes(11))
+    tunnel_id = open_tunnel(c, credit=100)
+    c.tunnel_send(tunnel_id, bytes(50), 0.0)  # tunnel messages are chunked: no such limit
+    assert len(sent(c)) == 1

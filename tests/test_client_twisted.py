@@ -318,7 +318,7 @@ async def test_handler_results_become_replies_and_faults(fake_node: FakeNode) ->
         2: codec.Reply(2, b"deferred"),
         3: codec.Fault(3, "'missing key'"),  # str(KeyError) is the fault text
         4: codec.Fault(4, "RuntimeError"),  # never an empty fault (it would become a timeout)
-        5: codec.Fault(5, "handle_request returned str, not bytes"),
+        5: codec.Fault(5, "reply must be bytes, got str"),
     }
     closing = service.close()
     await peer.closed_by_binding()

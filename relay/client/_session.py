@@ -267,6 +267,10 @@ class Session(abc.ABC):
 
     # ---- driven by the adapter --------------------------------------------------------
 
+    def connection_made(self) -> None:
+        self.core.connection_made(self.now())
+        self.pump()  # the INIT packet
+
     def data_received(self, data: bytes) -> None:
         self.core.receive_data(data, self.now())
         self.pump()
@@ -360,8 +364,7 @@ class Session(abc.ABC):
             requests_dropped=requests.dropped,
             requests_expired=requests.expired,
             broadcasts_dropped=self._broadcast_inbox.queue.dropped,
-            events_dropped=self._events_dropped
-            + sum(inbox.queue.dropped for inbox in self._topics.values()),
+            events_dropped=self._events_dropped,
         )
 
     # ---- events -----------------------------------------------------------------------------
@@ -414,10 +417,9 @@ class Session(abc.ABC):
                 if not self._broadcast_inbox.offer(message, len(message)):
                     self.warn("Broadcast dropped: handler queue full", size=len(message))
             case core.EventReceived(topic=topic, event=data):
-                inbox = self._topics.get(topic)
-                if inbox is None:
-                    self._events_dropped += 1  # unsubscribed since; the core had not seen it yet
-                elif not inbox.offer(data, len(data)):
+                inbox = self._topics[topic]
+                if not inbox.offer(data, len(data)):
+                    self._events_dropped += 1
                     self.warn("Event dropped: handler queue full", topic=topic, size=len(data))
             case core.Connected():
                 self._on_connected()
@@ -490,11 +492,11 @@ class Session(abc.ABC):
             if error is None:
                 if result is None:
                     result = b""  # like Go's nil/nil: an empty successful reply
-                if isinstance(result, bytes | bytearray | memoryview):
-                    self.core.reply(request_id, bytes(result))
-                else:
-                    error = TypeError(f"handle_request returned {type(result).__name__}, not bytes")
-                    self.warn("Request handler failed", error)
+                try:
+                    self.core.reply(request_id, result)  # type: ignore[arg-type]
+                except (TypeError, ValueError) as refused:
+                    error = refused
+                    self.warn("Request handler returned an unusable reply", error)
             if error is not None:
                 self.core.fault(request_id, fault_text(error))
             self.pump()

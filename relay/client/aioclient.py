@@ -165,7 +165,7 @@ class _RelayProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.session.transport = transport
-        self.session.pump()  # the INIT packet
+        self.session.connection_made()
 
     def data_received(self, data: bytes) -> None:
         self.session.data_received(data)

@@ -46,6 +46,9 @@ DEFAULT_REPLY_GRACE = 2.0
 DEFAULT_CLOSE_GRACE = 10.0
 """Seconds we wait for the node to acknowledge a connection or tunnel close."""
 
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds we wait for the node to answer INIT (the Go binding waited forever)."""
+
 
 class State(enum.Enum):
     AWAITING_ACCEPT = "awaiting accept"
@@ -230,14 +233,20 @@ def _name(value: str, what: str) -> str:
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
     if not value:
         raise ValueError(f"empty {what}")
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > codec.DEFAULT_MAX_NAME:
+        # The node would drop the whole connection over it.
+        raise ValueError(f"{what} of {size} bytes exceeds {codec.DEFAULT_MAX_NAME}")
     return value
 
 
-def _payload(value: bytes, what: str) -> bytes:
+def _payload(value: bytes, what: str, limit: int | None = None) -> bytes:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"{what} must be bytes, got {type(value).__name__}")
     if not value:
         raise ValueError(f"empty {what}")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} of {len(value)} bytes exceeds the limit of {limit}")
     return bytes(value)
 
 
@@ -326,19 +335,23 @@ class ClientCore:
         tunnel_window: int = DEFAULT_TUNNEL_WINDOW,
         reply_grace: float = DEFAULT_REPLY_GRACE,
         close_grace: float = DEFAULT_CLOSE_GRACE,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_payload: int = codec.DEFAULT_MAX_PAYLOAD,
     ) -> None:
         if not isinstance(cluster, str):
             raise TypeError("cluster must be a str")
         if tunnel_window < 1:
             raise ValueError("tunnel_window must be at least 1 byte")
-        if reply_grace < 0 or close_grace < 0:
-            raise ValueError("grace periods must not be negative")
+        if reply_grace < 0 or close_grace < 0 or handshake_timeout < 0:
+            raise ValueError("grace periods and timeouts must not be negative")
         self.cluster = cluster
         self.state = State.AWAITING_ACCEPT
         self._tunnel_window = tunnel_window
         self._reply_grace = reply_grace
         self._close_grace = close_grace
+        self._handshake_timeout = handshake_timeout
+        self._max_payload = max_payload
+        """Largest request, message or event we send, and accept (the node's decoder limit)."""
         self._decoder = codec.client_decoder(max_payload=max_payload)
         self._out = bytearray(codec.Init(cluster).encode())
         self._events: list[Event] = []
@@ -376,6 +389,11 @@ class ClientCore:
         return self._timers.next()
 
     # ---- connection ----------------------------------------------------------------
+
+    def connection_made(self, now: float) -> None:
+        """The socket is up (INIT goes out now): start waiting for the node's answer."""
+        if self.state is State.AWAITING_ACCEPT:
+            self._timers.set(("connection", 0), now + self._handshake_timeout)
 
     def close(self, now: float) -> None:
         """Ask the node for a graceful close; ``ConnectionClosed`` follows its acknowledgement."""
@@ -420,6 +438,8 @@ class ClientCore:
             elif kind == "tunnel-close":
                 del self._tunnels[ident]
                 self._emit(TunnelClosed(ident, ""))
+            elif self.state is State.AWAITING_ACCEPT:
+                self._terminate("the node did not answer the handshake in time", graceful=False)
             else:
                 self._terminate("the node did not acknowledge the close", graceful=False)
 
@@ -428,7 +448,7 @@ class ClientCore:
     def request(self, cluster: str, data: bytes, timeout: float, now: float) -> int:
         """Send a request; returns its id, which names its one outcome event."""
         cluster = _name(cluster, "cluster name")
-        data = _payload(data, "request")
+        data = _payload(data, "request", self._max_payload)
         timeout_ms = timeout_to_ms(timeout)
         self._check_open()
         request_id = self._next_request_id
@@ -442,6 +462,10 @@ class ClientCore:
         """Answer a delivered request; an empty reply is a valid success."""
         if not isinstance(reply, bytes | bytearray | memoryview):
             raise TypeError(f"reply must be bytes, got {type(reply).__name__}")
+        if len(reply) > self._max_payload:
+            raise ValueError(
+                f"reply of {len(reply)} bytes exceeds the limit of {self._max_payload}"
+            )
         if self.state is not State.CLOSED:  # the node drains replies while closing
             self._send(codec.Reply(request_id, bytes(reply)))
 
@@ -455,7 +479,7 @@ class ClientCore:
 
     def broadcast(self, cluster: str, message: bytes) -> None:
         cluster = _name(cluster, "cluster name")
-        message = _payload(message, "message")
+        message = _payload(message, "message", self._max_payload)
         self._check_open()
         self._send(codec.Broadcast(cluster, message))
 
@@ -477,7 +501,7 @@ class ClientCore:
 
     def publish(self, topic: str, event: bytes) -> None:
         topic = _name(topic, "topic name")
-        event = _payload(event, "event")
+        event = _payload(event, "event", self._max_payload)
         self._check_open()
         self._send(codec.Publish(topic, event))
 
@@ -504,7 +528,7 @@ class ClientCore:
         limit) bounds the wait for credit; a message that times out half-sent is
         discarded by the receiver when the next one starts.
         """
-        message = _payload(message, "message")
+        message = _payload(message, "message")  # chunked: any size
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         tunnel = self._tunnels.get(tunnel_id)
@@ -643,6 +667,7 @@ class ClientCore:
                     self._violation(f"bad magic {magic!r} in the init response")
                     return
                 self.state = State.OPEN
+                self._timers.cancel(("connection", 0))
                 self._emit(Connected(version))
             case codec.Denied(magic=magic, reason=reason):
                 if magic != codec.RELAY_MAGIC:

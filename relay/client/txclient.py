@@ -167,7 +167,7 @@ class _RelayProtocol(Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         self.session.transport = transport
-        self.session.pump()  # the INIT packet
+        self.session.connection_made()
 
     def dataReceived(self, data: bytes) -> None:
         self.session.data_received(data)

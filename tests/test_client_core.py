@@ -544,7 +544,7 @@ def test_graceful_close_as_in_the_spec_closes_tunnels_without_a_failure() -> Non
         c.request("echo", b"x", 1.0, 0.0)
     c.receive_data(hx("02 | 00"), 0.0)
     assert c.take_events() == [
-        core.RequestAborted(0, "connection closed"),
+        core.RequestAborted(0, ""),
         core.TunnelClosed(tunnel_id, ""),  # not "connection dropped" (B11)
         core.ConnectionClosed("", graceful=True),
     ]

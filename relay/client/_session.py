@@ -378,7 +378,7 @@ class Session(abc.ABC):
             case core.RequestTimedOut(request_id=request_id):
                 self._requests.pop(request_id).reject(errors.Timeout("request timed out"))
             case core.RequestAborted(request_id=request_id, reason=reason):
-                self._requests.pop(request_id).reject(errors.ConnectionClosed(reason, reason))
+                self._requests.pop(request_id).reject(_closed(reason))
             case core.TunnelData(tunnel_id=tunnel_id, message=message):
                 self._tunnels[tunnel_id].deliver(message)
             case core.TunnelSent(send_id=send_id):
@@ -399,7 +399,7 @@ class Session(abc.ABC):
                     end.close(_Ignored())  # the caller gave up waiting: release it
             case core.TunnelOpenFailed(tunnel_id=tunnel_id, timed_out=timed_out, reason=reason):
                 self._opening.pop(tunnel_id).reject(
-                    errors.Timeout(reason) if timed_out else errors.ConnectionClosed(reason, reason)
+                    errors.Timeout(reason) if timed_out else _closed(reason)
                 )
             case core.TunnelClosed(tunnel_id=tunnel_id, reason=reason):
                 self._tunnels.pop(tunnel_id).ended(reason)
@@ -520,6 +520,10 @@ class Session(abc.ABC):
                 self.warn("Service {what} handler failed", error, what=what)
 
         return done
+
+
+def _closed(reason: str) -> errors.ConnectionClosed:
+    return errors.ConnectionClosed(reason or "connection closed", reason)
 
 
 class _Ignored:

@@ -129,7 +129,7 @@ class RequestTimedOut:
 
 @dataclass(frozen=True, slots=True)
 class RequestAborted:
-    """The connection ended while the request was outstanding."""
+    """The connection ended while the request was outstanding; ``reason`` empty if gracefully."""
 
     request_id: int
     reason: str
@@ -151,7 +151,10 @@ class TunnelOpened:
 
 @dataclass(frozen=True, slots=True)
 class TunnelOpenFailed:
-    """``timed_out``: the node found no member in time (or did not answer at all)."""
+    """``timed_out``: the node found no member in time (or did not answer at all).
+
+    Otherwise the connection ended first; ``reason`` is empty if it ended gracefully.
+    """
 
     tunnel_id: int
     timed_out: bool
@@ -590,7 +593,7 @@ class ClientCore:
         self.state = State.CLOSED
         self._out.clear()
         self._timers.clear()
-        lost = "connection closed" if graceful else f"connection dropped: {reason}"
+        lost = "" if graceful else f"connection dropped: {reason}"
         for request_id in sorted(self._requests):
             self._emit(RequestAborted(request_id, lost))
         for tunnel_id, tunnel in sorted(self._tunnels.items()):
@@ -599,8 +602,9 @@ class ClientCore:
                 continue
             self._fail_sends(tunnel_id, tunnel)
             # A graceful end, or a close we had asked for, is not a failure (Go's B11).
-            ended_well = graceful or tunnel.state is _TunnelState.CLOSING
-            self._emit(TunnelClosed(tunnel_id, "" if ended_well else lost))
+            self._emit(
+                TunnelClosed(tunnel_id, "" if tunnel.state is _TunnelState.CLOSING else lost)
+            )
         self._requests.clear()
         self._tunnels.clear()
         self._sends.clear()

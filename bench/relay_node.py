@@ -1,0 +1,122 @@
+"""The node under test: starting an ``irisnode`` subprocess, and reading any node's costs from /proc.
+
+CPU time is utime + stime of ``/proc/PID/stat`` (clock ticks, usually 10 ms), so a
+figure per operation is only as good as the window is long; memory is VmRSS
+(resident now) and VmHWM (resident peak) of ``/proc/PID/status``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import IO
+
+READY = re.compile(rb"ready: relay on (?:\[[0-9a-fA-F:.]+\]|[0-9.]+|[\w.-]+):(\d+)")
+"""The node's ready log line on stderr; the first address carries the port."""
+
+
+class NodeError(Exception):
+    """The node did not start, or its process cannot be read."""
+
+
+class ProcStats:
+    """Resource usage of one process (Linux /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as file:
+                stat = file.read()
+        except OSError as error:
+            raise NodeError(f"cannot read /proc/{self.pid}/stat: {error}") from None
+        # Fields after the command name, which is in parentheses and may contain spaces.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) / self._ticks
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM in bytes."""
+        result = {}
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as file:
+                for line in file:
+                    key, _, value = line.partition(b":")
+                    if key in (b"VmRSS", b"VmHWM"):
+                        result[key.decode()] = int(value.split()[0]) * 1024
+        except OSError as error:
+            raise NodeError(f"cannot read /proc/{self.pid}/status: {error}") from None
+        return result
+
+    def rss(self) -> int:
+        return self.memory().get("VmRSS", 0)
+
+
+class NodeProcess:
+    """``irisnode --relay-port 0`` in a subprocess of this Python, ready to take connections.
+
+    Its stderr is drained by a thread for as long as it runs (a full pipe would stall
+    the node); the last lines are kept for error messages.
+    """
+
+    def __init__(self, extra_args: list[str] | None = None, timeout: float = 30.0) -> None:
+        argv = [sys.executable, "-m", "irisnode", "--relay-port", "0", *(extra_args or [])]
+        self._ready = threading.Event()
+        self._log: collections.deque[bytes] = collections.deque(maxlen=50)
+        self.port = 0
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert self.process.stderr is not None
+        self._reader = threading.Thread(
+            target=self._drain, args=(self.process.stderr,), name="node-stderr", daemon=True
+        )
+        self._reader.start()
+        self._ready.wait(timeout)
+        if not self.port:
+            self.stop()
+            raise NodeError(f"node was not ready within {timeout} s; its log ends:\n{self.log}")
+        self.ready_seconds = self._ready_at - started
+        self.pid = self.process.pid
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in stream:
+            self._log.append(line)
+            if not self.port:
+                match = READY.search(line)
+                if match:
+                    self._ready_at = time.perf_counter()
+                    self.port = int(match.group(1))
+                    self._ready.set()
+        self._ready.set()  # the node exited: stop waiting
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def log(self) -> str:
+        return b"".join(self._log).decode("utf-8", "replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers (this process started it, by PID)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self._reader.join(timeout)

@@ -164,6 +164,8 @@ _FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 class _Channel(DatagramProtocol):
     """One socket: beacons of one address family on one interface."""
 
+    noisy = False  # the adapter logs what matters, with the interface named
+
     def __init__(
         self, owner: MulticastDiscovery, interface: Interface, family: socket.AddressFamily
     ) -> None:
@@ -204,7 +206,10 @@ class MulticastDiscovery:
     ``scan`` returns the interfaces to use now (typically
     ``select_interfaces(list_interfaces(), names, network=...)``); it is called at
     start and every ``rescan_interval`` seconds, so interfaces that come up, change
-    address or finish IPv6 duplicate address detection later are picked up.
+    address or go away are followed. For ``settling_time`` after start and after
+    any change it is called every ``settling_interval`` instead: a fresh interface's
+    IPv6 link-local address becomes usable only when duplicate address detection
+    ends, a second or two later, and peers should not wait for the slow rescan.
     Events other than :class:`SendBeacon` go to ``on_event``.
     """
 
@@ -219,6 +224,8 @@ class MulticastDiscovery:
         on_event: Callable[[DiscoveryEvent], None],
         *,
         rescan_interval: float = 2.0,
+        settling_interval: float = 0.25,
+        settling_time: float = 5.0,
     ) -> None:
         self.core = core
         self._clock = clock
@@ -226,7 +233,12 @@ class MulticastDiscovery:
         self._scan = scan
         self._on_event = on_event
         self._rescan_interval = rescan_interval
+        self._settling_interval = settling_interval
+        self._settling_time = settling_time
         self._next_rescan = 0.0
+        self._settle_until = 0.0
+        self._last_scan: dict[str, Interface] | None = None
+        self._scan_error: str | None = None
         self._active: dict[str, _Active] = {}
         self._open_errors: dict[tuple[str, socket.AddressFamily], str] = {}
         self._timer = DeadlineTimer(clock, self._on_timer)
@@ -304,12 +316,19 @@ class MulticastDiscovery:
             channel.send_error = error
 
     def _rescan(self, now: float) -> None:
-        self._next_rescan = now + self._rescan_interval
         try:
             wanted = {interface.name: interface for interface in self._scan()}
-        except (OSError, ValueError) as error:
-            self.log.error("Cannot list network interfaces: {error}", error=str(error))
-            return
+            self._scan_error = None
+        except (OSError, ValueError) as error:  # keep what we have
+            if str(error) != self._scan_error:
+                self.log.error("Cannot list network interfaces: {error}", error=str(error))
+            self._scan_error = str(error)
+            wanted = self._last_scan or {}
+        if wanted != self._last_scan:
+            self._settle_until = now + self._settling_time
+        self._last_scan = wanted
+        settling = now < self._settle_until
+        self._next_rescan = now + (self._settling_interval if settling else self._rescan_interval)
         for name in [name for name in self._active if name not in wanted]:
             self._close(name)
             self.core.remove_interface(name)

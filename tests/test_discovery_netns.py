@@ -22,8 +22,10 @@ import os
 import random
 import select
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,80 +48,70 @@ Report = dict[str, Any]
 # -- the nodes (in this process, or in a child) ---------------------------------------
 
 
-def run_nodes(
-    reactor: Any,
-    ids: Sequence[int],
-    names: Sequence[str],
-    network: bool,
-    port: int,
-    expect: Sequence[int],
-    report: Callable[[Report], None],
-    rescan_interval: float = 0.2,
-) -> defer.Deferred[None]:
-    """Run one node per id until each has seen every other id and every ``expect``."""
-    started = reactor.seconds()
-    sockets = MulticastSockets(reactor, port)
-    missing = {i: (set(ids) | set(expect)) - {i} for i in ids}
-    done: defer.Deferred[None] = defer.Deferred()
-    finishing: list[object] = []
-    adapters = []
+class Nodes:
+    """Discovery nodes in one process, each PeerSeen reported as a JSON-able dict."""
 
-    def on_event(node_id: int, event: DiscoveryEvent) -> None:
-        if not isinstance(event, PeerSeen):
-            return
-        report(
-            {
-                "node": node_id,
-                "peer": event.node_id,
-                "address": event.address,
-                "fallbacks": list(event.fallbacks),
-                "port": event.port,
-                "interface": event.interface,
-                "first_time": event.first_time,
-                "t": reactor.seconds() - started,
-            }
-        )
-        missing[node_id].discard(event.node_id)
-        if not any(missing.values()) and not finishing:
-            # On the next turn: the beacon that answers this peer is still to be sent.
-            finishing.append(reactor.callLater(0, done.callback, None))
+    def __init__(
+        self,
+        reactor: Any,
+        ids: Sequence[int],
+        names: Sequence[str],
+        network: bool,
+        port: int,
+        report: Callable[[Report], None],
+    ) -> None:
+        self.started = reactor.seconds()
+        self._reactor = reactor
+        self._report = report
+        sockets = MulticastSockets(reactor, port)
+        report({"started": self.started})
+        self.adapters = []
+        for node_id in ids:
+            rng = random.Random(node_id)
+            core = Discovery(KEY, node_id, 4000 + node_id, rng, os.urandom, DiscoveryConfig())
+            adapter = MulticastDiscovery(
+                core,
+                reactor,
+                sockets,
+                lambda: select_interfaces(list_interfaces(), names, network=network),
+                functools.partial(self._on_event, node_id),
+            )
+            self.adapters.append(adapter)
+            adapter.start()
+        self._announce_port(sockets)
 
-    def scan() -> list[Any]:
-        return list(select_interfaces(list_interfaces(), names, network=network))
-
-    def announce_port() -> None:
+    def _announce_port(self, sockets: MulticastSockets) -> None:
+        """Tell the discovery port once the first channel has chosen it."""
         if sockets.port:
-            report({"port": sockets.port})
+            self._report({"port": sockets.port})
         else:
-            reactor.callLater(0.05, announce_port)
+            self._reactor.callLater(0.05, self._announce_port, sockets)
 
-    for node_id in ids:
-        rng = random.Random(node_id)
-        core = Discovery(KEY, node_id, 4000 + node_id, rng, os.urandom, DiscoveryConfig())
-        adapter = MulticastDiscovery(
-            core,
-            reactor,
-            sockets,
-            scan,
-            functools.partial(on_event, node_id),
-            rescan_interval=rescan_interval,
-        )
-        adapters.append(adapter)
-        adapter.start()
-    announce_port()
+    def _on_event(self, node_id: int, event: DiscoveryEvent) -> None:
+        if isinstance(event, PeerSeen):
+            now = self._reactor.seconds()
+            self._report(
+                {
+                    "node": node_id,
+                    "peer": event.node_id,
+                    "address": event.address,
+                    "fallbacks": list(event.fallbacks),
+                    "port": event.port,
+                    "interface": event.interface,
+                    "first_time": event.first_time,
+                    "t": now - self.started,
+                    "at": now,
+                }
+            )
 
-    def stop(result: object) -> defer.Deferred[object]:
-        closing = defer.gatherResults([a.stop() for a in adapters])
-        return closing.addCallback(lambda _: result)
-
-    done.addTimeout(DEADLINE, reactor)
-    return done.addBoth(stop)
+    def stop(self) -> defer.Deferred[list[None]]:
+        return defer.gatherResults([adapter.stop() for adapter in self.adapters])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run nodes until SIGTERM (or DEADLINE): the parent decides when all have met."""
     parser = argparse.ArgumentParser(description="Run discovery nodes; print JSON lines.")
     parser.add_argument("--ids", required=True, help="comma-separated node ids")
-    parser.add_argument("--expect", default="", help="ids of nodes in other processes")
     parser.add_argument("--interface", action="append", default=[])
     parser.add_argument("--net", action="store_true", help="network mode")
     parser.add_argument("--port", type=int, default=0)
@@ -132,18 +124,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     def emit(line: Report) -> None:
         print(json.dumps(line), flush=True)
 
-    def run(reactor: Any) -> defer.Deferred[None]:
-        return run_nodes(
-            reactor,
-            [int(i) for i in args.ids.split(",")],
-            args.interface,
-            args.net,
-            args.port,
-            [int(i) for i in args.expect.split(",") if i],
-            emit,
-        )
+    def run(reactor: Any) -> defer.Deferred[object]:
+        ids = [int(i) for i in args.ids.split(",")]
+        nodes = Nodes(reactor, ids, args.interface, args.net, args.port, emit)
+        return task.deferLater(reactor, DEADLINE, nodes.stop)
 
     task.react(run)
+
+
+def everyone_met(lines: list[Report], ids: Sequence[int]) -> bool:
+    return all(set(seen_by(lines, i)) >= set(ids) - {i} for i in ids)
+
+
+def seen_by(lines: list[Report], node: int) -> dict[int, Report]:
+    """The first PeerSeen each peer produced at ``node``."""
+    found: dict[int, Report] = {}
+    for line in lines:
+        if line.get("node") == node:
+            found.setdefault(line["peer"], line)
+    return found
 
 
 # -- fixtures -----------------------------------------------------------------------
@@ -182,51 +181,54 @@ class Child:
 
     def __init__(self, netns: str, args: Sequence[str]) -> None:
         command = ["ip", "netns", "exec", netns, sys.executable, "-m", __name__, *args]
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.errors
         )
         self.lines: list[Report] = []
+        self._partial = b""
 
-    def read_until(self, predicate: Callable[[Report], bool], deadline: float) -> Report:
-        """The first line matching ``predicate``, reading no later than ``deadline``."""
+    def pump(self) -> None:
+        """Take in what the child has printed so far (call when its stdout is readable)."""
         assert self.process.stdout is not None
-        for line in self.lines:
-            if predicate(line):
-                return line
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stdout], [], [], 0.1)
-            if not ready:
-                continue
-            text = self.process.stdout.readline()
-            if not text:
-                break
-            self.lines.append(json.loads(text))
-            if predicate(self.lines[-1]):
-                return self.lines[-1]
-        raise AssertionError(f"child gave no expected line; stderr:\n{self.stderr()}")
+        data = os.read(self.process.stdout.fileno(), 65536)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        self.lines += [json.loads(line) for line in complete if line]
 
-    def finish(self, deadline: float) -> list[Report]:
-        """Wait for a clean exit (all peers seen) and return every line printed."""
-        remaining = max(0.1, deadline - time.monotonic())
-        out, err = self.process.communicate(timeout=remaining)
-        self.lines += [json.loads(line) for line in out.splitlines()]
-        assert self.process.returncode == 0, f"child failed:\n{err}"
-        return self.lines
-
-    def stderr(self) -> str:
+    def stop(self) -> str:
+        """Terminate the child; return its log."""
         if self.process.poll() is None:
-            self.process.kill()
-        return self.process.communicate()[1]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
             self.process.wait(timeout=10)
+        if self.errors.closed:
+            return ""
+        self.errors.seek(0)
+        log = self.errors.read().decode(errors="replace")
+        self.errors.close()
+        return log
+
+
+def collect(
+    children: Sequence[Child], done: Callable[[list[Report]], bool], deadline: float
+) -> list[Report]:
+    """Every line the children print until ``done(lines)``; fails at ``deadline``."""
+    streams = {child.process.stdout.fileno(): child for child in children if child.process.stdout}
+    while True:
+        lines = [line for child in children for line in child.lines]
+        if done(lines):
+            return lines
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            logs = "\n".join(child.stop() for child in children)
+            raise AssertionError(f"timed out; children printed {lines}\nlogs:\n{logs}")
+        ready, _, _ = select.select(list(streams), [], [], remaining)
+        for stream in ready:
+            streams[stream].pump()
 
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[[str, Sequence[str]], Child]]:
-    """Starts child processes and kills those still running afterwards (by their pid)."""
+    """Starts child processes and stops those still running afterwards (by their pid)."""
     children: list[Child] = []
 
     def start(netns: str, args: Sequence[str]) -> Child:
@@ -235,16 +237,7 @@ def spawn() -> Iterator[Callable[[str, Sequence[str]], Child]]:
 
     yield start
     for child in children:
-        child.kill()
-
-
-def seen_by(lines: list[Report], node: int) -> dict[int, Report]:
-    """The first PeerSeen each peer produced at ``node``."""
-    found: dict[int, Report] = {}
-    for line in lines:
-        if line.get("node") == node:
-            found.setdefault(line["peer"], line)
-    return found
+        child.stop()
 
 
 def wait_for_dad(netns: str, deadline: float) -> None:
@@ -278,11 +271,22 @@ def check_loopback_run(lines: list[Report]) -> None:
 
 @pytest.mark.skipif(not loopback_has_multicast(), reason="lo lacks MULTICAST: see the netns test")
 @pytest_twisted.inlineCallbacks
-def test_three_nodes_in_this_process_meet_on_loopback() -> Iterator[defer.Deferred[None]]:
+def test_three_nodes_in_this_process_meet_on_loopback() -> Iterator[defer.Deferred[object]]:
     from twisted.internet import reactor
 
     lines: list[Report] = []
-    yield run_nodes(reactor, [1, 2, 3], [], False, 0, [], lines.append)
+    met: defer.Deferred[None] = defer.Deferred()
+
+    def report(line: Report) -> None:
+        lines.append(line)
+        if everyone_met(lines, [1, 2, 3]) and not met.called:
+            met.callback(None)
+
+    nodes = Nodes(reactor, [1, 2, 3], [], False, 0, report)
+    try:
+        yield met.addTimeout(DEADLINE, reactor)
+    finally:
+        yield nodes.stop().addCallback(lambda _: None)
     check_loopback_run(lines)
 
 
@@ -294,7 +298,7 @@ def test_three_nodes_meet_on_loopback_in_a_namespace(
     name = netns("lo")
     ip("link", "set", "lo", "multicast", "on", netns=name)
     child = spawn(name, ["--ids", "1,2,3"])
-    lines = child.finish(time.monotonic() + DEADLINE + 5)
+    lines = collect([child], lambda ls: everyone_met(ls, [1, 2, 3]), time.monotonic() + DEADLINE)
     check_loopback_run(lines)
 
 
@@ -315,25 +319,24 @@ def test_two_namespaces_find_each_other_across_a_veth(
     ip("link", "add", "irvA", "type", "veth", "peer", "name", "irvB", "netns", b, netns=a)
     for ns, dev, v4 in ((a, "irvA", "10.77.0.1/24"), (b, "irvB", "10.77.0.2/24")):
         if families == "ipv4":
-            subprocess.run(
-                ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1"],
-                check=True,
-                timeout=10,
-            )
+            disable = f"net.ipv6.conf.{dev}.disable_ipv6=1"
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", disable], check=True)
         if families != "ipv6":
             ip("addr", "add", v4, "dev", dev, netns=ns)
         ip("link", "set", dev, "up", netns=ns)
-    deadline = time.monotonic() + DEADLINE + 5
+    deadline = time.monotonic() + DEADLINE
     if families == "both":  # else IPv4 is found first, while IPv6 is still tentative
         for ns in (a, b):
             wait_for_dad(ns, deadline)
-    first = spawn(a, ["--ids", "1", "--expect", "2", "--net", "--interface", "irvA"])
-    port = first.read_until(lambda line: "port" in line, deadline)["port"]
-    second = spawn(
-        b, ["--ids", "2", "--expect", "1", "--net", "--interface", "irvB", "--port", str(port)]
-    )
-    at_a = seen_by(first.finish(deadline), 1)[2]
-    at_b = seen_by(second.finish(deadline), 2)[1]
+    first = spawn(a, ["--ids", "1", "--net", "--interface", "irvA"])
+    (port,) = [
+        line["port"]
+        for line in collect([first], lambda ls: any("port" in line for line in ls), deadline)
+        if "port" in line
+    ]
+    second = spawn(b, ["--ids", "2", "--net", "--interface", "irvB", "--port", str(port)])
+    lines = collect([first, second], lambda ls: everyone_met(ls, [1, 2]), deadline)
+    at_a, at_b = seen_by(lines, 1)[2], seen_by(lines, 2)[1]
     assert (at_a["port"], at_a["interface"], at_a["first_time"]) == (4002, "irvA", True)
     assert (at_b["port"], at_b["interface"], at_b["first_time"]) == (4001, "irvB", True)
     if families == "ipv4":
@@ -341,8 +344,61 @@ def test_two_namespaces_find_each_other_across_a_veth(
     else:
         assert at_a["address"].startswith("fe80:") and at_a["address"].endswith("%irvA")
         assert at_b["address"].startswith("fe80:") and at_b["address"].endswith("%irvB")
-        expected = ["10.77.0.2"] if families == "both" else []
-        assert at_a["fallbacks"] == expected
+        assert at_a["fallbacks"] == (["10.77.0.2"] if families == "both" else [])
+
+
+# -- five namespaces on a bridge ----------------------------------------------------
+
+
+@pytest.mark.netns
+def test_five_namespaces_on_a_bridge_all_meet_within_a_second(
+    netns: Callable[[str], str], spawn: Callable[[str, Sequence[str]], Child]
+) -> None:
+    """The LAN of the later multi-process tests, discovery alone: five processes
+    started together, each on the default interfaces of network mode (its veth)."""
+    bridge = netns("br")
+    ip("link", "add", "irbr0", "type", "bridge", netns=bridge)
+    ip("link", "set", "irbr0", "up", netns=bridge)
+    ids = range(1, 6)
+    nodes = []
+    for i in ids:
+        ns = netns(f"n{i}")
+        ip(
+            "link",
+            "add",
+            f"irb{i}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "irv0",
+            "netns",
+            ns,
+            netns=bridge,
+        )
+        ip("link", "set", f"irb{i}", "master", "irbr0", "up", netns=bridge)
+        ip("addr", "add", f"10.78.0.{i}/24", "dev", "irv0", netns=ns)
+        ip("link", "set", "irv0", "up", netns=ns)
+        nodes.append(ns)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))  # any free number: the namespaces are empty anyway
+        port = probe.getsockname()[1]
+    children = [
+        spawn(ns, ["--ids", str(i), "--net", "--port", str(port)])
+        for i, ns in zip(ids, nodes, strict=True)
+    ]
+    lines = collect(children, lambda ls: everyone_met(ls, ids), time.monotonic() + DEADLINE)
+    for i in ids:
+        for peer, line in seen_by(lines, i).items():
+            assert f"10.78.0.{peer}" in [line["address"], *line["fallbacks"]]
+            assert line["interface"] == "irv0"
+    starts = [line["started"] for line in lines if "started" in line]
+    met = max(line["at"] for line in lines if "at" in line)
+    print(
+        f"5 nodes: started over {max(starts) - min(starts):.3f} s;"
+        f" all met {met - max(starts):.3f} s after the last start"
+    )
+    assert met - max(starts) < 1.0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ figures and irisnode's targets. See ``docs/benchmarks.md`` for what each figure 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import ipaddress
 import json
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.relay_node import NodeError, NodeProcess, ProcStats
 from bench.relay_pool import Pool, Result, RoleFailed, Window, Worker
@@ -35,6 +36,7 @@ from bench.relay_report import (
     percentile,
     scenario_table,
 )
+from bench.relay_wire import RelayError, Wire
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 POOL_SIZE = 8
@@ -105,12 +107,17 @@ def _spread(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class Measured(NamedTuple):
+    node: tuple[float, float] | None  # the node's (user, system) CPU seconds in the window
+    generators: float | None  # CPU seconds of all the scenario's worker processes
+
+
 @dataclass
 class Execution:
     services: list[Result]
     loads: list[Result]
     window: Window
-    cpu_seconds: float | None
+    cpu: Measured
 
 
 @dataclass
@@ -143,7 +150,12 @@ class Runner:
             "p50_us": None,
             "p99_us": None,
             "node_cpu_s": None,
+            "node_cpu_user_s": None,
+            "node_cpu_system_s": None,
+            "node_busy": None,
             "cpu_us_per_op": None,
+            "generators_cpu_s": None,
+            "generators_busy": None,
             "rss_peak_bytes": None,
             "error": None,
             "detail": {},
@@ -154,7 +166,9 @@ class Runner:
             handler = getattr(self, f"_{scenario.kind}")
             handler(scenario, record)
         except (RoleFailed, NodeError, OSError) as error:
-            record["error"] = str(error)
+            summary, _, detail = str(error).partition("\n")
+            record["error"] = summary
+            record["detail"]["traceback"] = detail or None
         return record
 
     def _request(self, scenario: Scenario, record: Record) -> None:
@@ -257,7 +271,7 @@ class Runner:
             raise RoleFailed(f"raw TCP copy received {result['bytes']} of {total} bytes")
         record["ops"] = result["bytes"] / 1e6
         record["seconds"] = result["seconds"]
-        record["ops_per_s"] = result["bytes"] / 1e6 / result["seconds"]
+        record["ops_per_s"] = result["bytes"] / 1e6 / max(result["seconds"], 1e-9)
         record["detail"] = {"bytes": result["bytes"], "note": "no relay node involved"}
 
     def _fill(self, record: Record, run: Execution, ops: float, per: float) -> None:
@@ -265,9 +279,17 @@ class Runner:
         record["ops"] = ops
         record["seconds"] = seconds
         record["ops_per_s"] = ops / seconds
-        record["node_cpu_s"] = run.cpu_seconds
-        if run.cpu_seconds is not None and per:
-            record["cpu_us_per_op"] = run.cpu_seconds * 1e6 / per
+        if run.cpu.generators is not None:
+            record["generators_cpu_s"] = run.cpu.generators
+            record["generators_busy"] = run.cpu.generators / seconds
+        if run.cpu.node is not None:
+            user, system = run.cpu.node
+            record["node_cpu_s"] = user + system
+            record["node_cpu_user_s"] = user
+            record["node_cpu_system_s"] = system
+            record["node_busy"] = (user + system) / seconds
+            if per:
+                record["cpu_us_per_op"] = (user + system) * 1e6 / per
         if self.stats is not None:
             record["rss_peak_bytes"] = self._scenario_peak
 
@@ -305,14 +327,15 @@ class Runner:
             window = Window(start, start + int((self.duration if timed else 0.0) * 1e9))
             for worker in used:
                 worker.go(window)
-            cpu = self._measure(window) if timed else None
+            generators = [ProcStats(w.pid) for w in used if w.pid is not None]
+            measured = self._measure(window, generators) if timed else Measured(None, None)
             finish = window.end_ns / 1e9 + 15.0
             load_results = [worker.expect("result", finish) for worker in load_workers]
             for worker in service_workers:
                 worker.stop()
             stop_deadline = time.monotonic() + 15.0
             service_results = [worker.expect("result", stop_deadline) for worker in service_workers]
-            return Execution(service_results, load_results, window, cpu)
+            return Execution(service_results, load_results, window, measured)
         finally:
             for worker in used:
                 if worker.busy:
@@ -322,22 +345,25 @@ class Runner:
                     except RoleFailed:
                         worker.restart()
 
-    def _measure(self, window: Window) -> float | None:
-        """The node's CPU seconds inside the window, sampling its RSS meanwhile."""
+    def _measure(self, window: Window, generators: list[ProcStats]) -> Measured:
+        """CPU seconds inside the window of the node (user, system) and of the load
+        generators (all worker processes of the scenario), sampling the node's RSS meanwhile."""
         stats = self.stats
         self._scenario_peak = 0
         _sleep_until(window.start_ns)
+        generators_before = _total_cpu(generators)
         if stats is None:
             _sleep_until(window.end_ns)
-            return None
-        before = stats.cpu_seconds()
+            return Measured(None, _total_cpu(generators) - generators_before)
+        user, system = stats.cpu_times()
         while time.monotonic_ns() < window.end_ns:
             self._scenario_peak = max(self._scenario_peak, stats.rss())
             _sleep_until(min(window.end_ns, time.monotonic_ns() + 50_000_000))
-        after = stats.cpu_seconds()
+        user_after, system_after = stats.cpu_times()
+        generators_cpu = _total_cpu(generators) - generators_before
         self._scenario_peak = max(self._scenario_peak, stats.rss())
         self.rss_peak = max(self.rss_peak, self._scenario_peak)
-        return after - before
+        return Measured((user_after - user, system_after - system), generators_cpu)
 
     def settle(self) -> None:
         """Wait (briefly) until the node is idle, so one scenario's tail is not billed to the next."""
@@ -351,6 +377,14 @@ class Runner:
             if now == last:
                 return
             last = now
+
+
+def _total_cpu(processes: list[ProcStats]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(NodeError):  # a worker that just died: its scenario says so
+            total += process.cpu_seconds()
+    return total
 
 
 def _sleep_until(deadline_ns: int) -> None:
@@ -493,6 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node_record["ready_samples_s"] = samples
                 node_record["ready_s"] = sorted(samples)[len(samples) // 2]
         node_record["address"] = f"{address[0]}:{address[1]}"
+        try:
+            Wire(address).close()  # fail now, not once per scenario
+        except (OSError, RelayError) as error:
+            print(f"cannot use the relay at {node_record['address']}: {error}", file=sys.stderr)
+            return 2
         stats = ProcStats(node_record["pid"]) if node_record["pid"] else None
         runner = Runner(
             Pool(POOL_SIZE if scenarios else 0),
@@ -567,4 +606,11 @@ def _progress(record: Record) -> str:
         parts.append(f"p50 {record['p50_us']:.0f} µs, p99 {record['p99_us']:.0f} µs")
     if record["cpu_us_per_op"] is not None:
         parts.append(f"node CPU {record['cpu_us_per_op']:.1f} µs/op")
+    if record["node_busy"] is not None:
+        parts.append(f"node busy {record['node_busy']:.0%}")
+    if record["generators_busy"] is not None:
+        parts.append(f"generators {record['generators_busy']:.0%} of a core")
+    detail = record["detail"]
+    if detail.get("errors") or detail.get("unanswered"):
+        parts.append(f"{detail['errors']} failed and {detail['unanswered']} unanswered requests")
     return "; ".join(parts)

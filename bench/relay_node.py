@@ -31,8 +31,8 @@ class ProcStats:
         self.pid = pid
         self._ticks = os.sysconf("SC_CLK_TCK")
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far."""
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds the process has used so far."""
         try:
             with open(f"/proc/{self.pid}/stat", "rb") as file:
                 stat = file.read()
@@ -40,8 +40,11 @@ class ProcStats:
             raise NodeError(f"cannot read /proc/{self.pid}/stat: {error}") from None
         # Fields after the command name, which is in parentheses and may contain spaces.
         fields = stat[stat.rindex(b")") + 2 :].split()
-        utime, stime = int(fields[11]), int(fields[12])
-        return (utime + stime) / self._ticks
+        return int(fields[11]) / self._ticks, int(fields[12]) / self._ticks
+
+    def cpu_seconds(self) -> float:
+        user, system = self.cpu_times()
+        return user + system
 
     def memory(self) -> dict[str, int]:
         """VmRSS and VmHWM in bytes."""

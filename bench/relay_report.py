@@ -168,7 +168,7 @@ def scenario_table(scenarios: Sequence[Record], checks: Sequence[Record]) -> str
     for record in scenarios:
         name = record["name"]
         if record.get("error"):
-            rows.append([name, "FAILED", "", "", "", "", "", "", ""])
+            rows.append([name, "FAILED", "", "", "", "", "", "", "", ""])
             continue
         rate = record.get("ops_per_s")
         go = go_rate.get(name)
@@ -180,6 +180,7 @@ def scenario_table(scenarios: Sequence[Record], checks: Sequence[Record]) -> str
                 _latency(record.get("p50_us")),
                 _latency(record.get("p99_us")),
                 _cpu(record),
+                "n/a" if record.get("node_busy") is None else f"{record['node_busy']:.0%}",
                 "—" if go is None else f"{_number(go['go'])}",
                 _ratio(go["ratio_to_go"]) if go else "—",
                 "—"
@@ -194,6 +195,7 @@ def scenario_table(scenarios: Sequence[Record], checks: Sequence[Record]) -> str
         "p50",
         "p99",
         "node CPU/op",
+        "node busy",
         "Go",
         "vs Go",
         "target",

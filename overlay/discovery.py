@@ -20,6 +20,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nacl.bindings import (
     crypto_aead_xchacha20poly1305_ietf_decrypt,
@@ -81,7 +82,9 @@ class Beacon:
 class BeaconError(ValueError):
     """A datagram is not a beacon we accept; ``reason`` names the counter it goes to."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(
+        self, reason: Literal["oversize", "malformed", "unauthenticated"], detail: str
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
 

@@ -84,12 +84,10 @@ class MulticastSockets:
         *,
         group_v4: str = GROUP_V4,
         group_v6: str = GROUP_V6,
-        hops: int = 1,
     ) -> None:
         self.port = port
         self._reactor = reactor
         self._groups = {socket.AF_INET: group_v4, socket.AF_INET6: group_v6}
-        self._hops = hops
 
     def open(
         self, interface: Interface, family: socket.AddressFamily, protocol: DatagramProtocol
@@ -114,7 +112,7 @@ class MulticastSockets:
                 step = "IP_MULTICAST_IF"
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
                 step = "IP_MULTICAST_TTL"
-                ttl = 0 if interface.loopback else self._hops
+                ttl = 0 if interface.loopback else 1
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
                 step = "IP_MULTICAST_LOOP"  # other nodes on this host must hear us
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
@@ -127,7 +125,7 @@ class MulticastSockets:
                 step = "IPV6_MULTICAST_IF"
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, interface.index)
                 step = "IPV6_MULTICAST_HOPS"
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, self._hops)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 1)
                 step = "IPV6_MULTICAST_LOOP"
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
             port = sock.getsockname()[1]

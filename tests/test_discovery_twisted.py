@@ -287,6 +287,27 @@ def test_interfaces_that_come_change_and_go_are_followed(lan: FakeLan) -> None:
     assert sum(len(p.sent) for p in ports) == sent
 
 
+def test_rescans_are_quick_while_interfaces_settle_then_slow(lan: FakeLan) -> None:
+    interfaces = [iface("eth0", v4="192.0.2.1")]
+    scans: list[float] = []
+
+    def scan() -> list[Interface]:
+        scans.append(lan.clock.seconds())
+        return list(interfaces)
+
+    rng = random.Random(1)
+    core = Discovery(KEY, 1, 4001, rng, rng.randbytes)
+    adapter = MulticastDiscovery(core, lan.clock, FakeSockets(lan, {}), scan, lambda e: None)
+    adapter.start()
+    run(lan.clock, 15.0)
+    assert len([t for t in scans if t < 5.0]) == 20  # every 0.25 s while settling
+    assert len([t for t in scans if 5.0 <= t < 15.0]) == 5  # then every 2 s
+    interfaces.append(iface("eth1", v6="fe80::1", index=3))  # a change: settle again
+    run(lan.clock, 5.0)
+    assert adapter.interfaces == {"eth0": ("IPv4",), "eth1": ("IPv6",)}
+    assert len([t for t in scans if t >= 15.0]) > 10
+
+
 def test_a_down_interface_gets_no_channel(lan: FakeLan) -> None:
     a = make_node(lan, 1, [replace(iface("eth0", v4="192.0.2.1"), up=False)])
     a.adapter.start()

@@ -395,12 +395,13 @@ class Discovery:
         peer.last_heard = now
         new_link = interface not in peer.links
         moved = peer.links.get(interface) != beacon.addresses or peer.port != beacon.port
+        if first_time or restarted or new_link:
+            # Answer before reporting, whatever the caller does on hearing the news.
+            events.extend(self._prompt(interface, announcer, now))
         if first_time or restarted or moved:
             peer.links[interface] = beacon.addresses
             peer.port = beacon.port
             events.append(_peer_seen(beacon, interface, first_time))
-        if first_time or restarted or new_link:
-            events.extend(self._prompt(interface, announcer, now))
         return events
 
     def on_timer(self, now: float) -> list[DiscoveryEvent]:

@@ -371,6 +371,7 @@ def test_a_newcomer_gets_an_immediate_answer_then_answers_are_rate_limited() -> 
     # First newcomer, at T0+1: answered at once, on the interface it was heard on.
     c = make_core(3)
     events = b.datagram_received(first_beacon(c), "eth1", T0 + 1)
+    assert [type(e) for e in events] == [SendBeacon, PeerSeen], "the answer goes out first"
     assert [e.interface for e in beacons(events)] == ["eth1"]
     # Second newcomer 0.1 s later: the answer waits until the limit allows it.
     events = b.datagram_received(first_beacon(make_core(4)), "eth1", T0 + 1.1)

@@ -403,10 +403,13 @@ NodePacket = (
 
 
 class _Incomplete(Exception):
-    """The buffer ends inside a packet: wait for more bytes."""
+    """The buffer ends inside a packet: wait for more bytes.
 
+    Raised as a fresh instance every time: re-raising one shared instance would
+    chain every raise's traceback onto it and keep those frames (and the buffers
+    they hold) alive forever.
+    """
 
-_INCOMPLETE = _Incomplete()
 
 
 class _Reader:
@@ -424,7 +427,7 @@ class _Reader:
     def varint(self) -> int:
         buf, pos = self.buf, self.pos
         if pos >= self.end:
-            raise _INCOMPLETE
+            raise _Incomplete
         byte = buf[pos]
         if byte < 0x80:
             self.pos = pos + 1
@@ -433,7 +436,7 @@ class _Reader:
         shift = 0
         for _ in range(MAX_VARINT_BYTES):
             if pos >= self.end:
-                raise _INCOMPLETE
+                raise _Incomplete
             byte = buf[pos]
             pos += 1
             value |= (byte & 0x7F) << shift
@@ -448,7 +451,7 @@ class _Reader:
     def bool(self) -> bool:
         pos = self.pos
         if pos >= self.end:
-            raise _INCOMPLETE
+            raise _Incomplete
         byte = self.buf[pos]
         if byte > 1:
             raise RemoteProtocolError(f"invalid bool byte 0x{byte:02x}")
@@ -462,7 +465,7 @@ class _Reader:
         start = self.pos
         stop = start + length
         if stop > self.end:
-            raise _INCOMPLETE
+            raise _Incomplete
         self.pos = stop
         return bytes(self.buf[start:stop])
 

@@ -82,7 +82,9 @@ class RelayConnection(Protocol):
         assert transport is not None
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
-        transport.bufferSize = factory.limits.high_water  # type: ignore[attr-defined]
+        # Twisted reads up to ``bufferSize`` bytes at a time and also calls it "full"
+        # beyond that; reads stay at its default, and congestion is judged against
+        # ``high_water`` here (see ``flush`` and ``pauseProducing``).
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         limits = factory.limits
         clock = factory.clock
@@ -177,6 +179,8 @@ class RelayConnection(Protocol):
                 return
             data = data[sent:]
         transport.write(data)
+        if not self.congested and _buffered(transport) > self.factory.limits.high_water:
+            self._congest(transport)
 
     def close(self) -> None:
         self.flush()
@@ -209,7 +213,15 @@ class RelayConnection(Protocol):
     # -- IPushProducer (our transport tells us when the client lags) -----------------------
 
     def pauseProducing(self) -> None:
+        # Twisted says "full" at its small read size; only our own mark counts.
+        transport = self.transport
+        if not self.congested and _buffered(transport) > self.factory.limits.high_water:
+            self._congest(transport)
+
+    def _congest(self, transport: Any) -> None:
         self.congested = True
+        # Make sure Twisted calls resumeProducing once its buffer has drained.
+        transport.producerPaused = True
 
     def resumeProducing(self) -> None:
         self.congested = False
@@ -228,6 +240,15 @@ class RelayConnection(Protocol):
             waiter._blockers -= 1
             if waiter._blockers == 0 and waiter.transport is not None:
                 waiter.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes a Twisted transport holds that the socket has not taken yet."""
+    try:
+        held: int = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except AttributeError:  # not a file-descriptor transport (tests' in-memory ones)
+        return 0
+    return held
 
 
 def _idle_socket(transport: Any) -> socket.socket | None:

@@ -307,3 +307,21 @@ def test_wrong_magic_is_decoded_for_the_session_to_judge() -> None:
 def test_limits_must_not_be_negative() -> None:
     with pytest.raises(ValueError):
         node_decoder(max_payload=-1)
+
+
+def test_waiting_for_more_bytes_keeps_nothing_alive() -> None:
+    import gc
+    import weakref
+
+    class Payload(bytearray):
+        """A buffer type that can be watched with a weak reference."""
+
+    decoder = node_decoder()
+    wire = Publish("t", bytes(1000)).encode()
+    chunk = Payload(wire[:10])
+    alive = weakref.ref(chunk)
+    decoder.feed(chunk)
+    del chunk
+    gc.collect()
+    assert alive() is None
+    assert decoder.feed(wire[10:]) == [Publish("t", bytes(1000))]

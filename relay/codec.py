@@ -411,7 +411,6 @@ class _Incomplete(Exception):
     """
 
 
-
 class _Reader:
     """A cursor over one buffer; every read raises ``_Incomplete`` at the end of data."""
 

@@ -6,7 +6,7 @@ the same object runs under unit tests, in :mod:`overlay.simulation` with thousan
 of others, and behind the real links. Peers are node ids plus an opaque address
 (``bytes``) that only the link layer interprets.
 
-The rules, in one place:
+The rules, in one place (``docs/overlay.md`` has the reasons at more length):
 
 * **Routing.** A key inside the leaf set's range goes to the numerically closest
   member (or is delivered here); otherwise to the routing-table entry that shares
@@ -17,23 +17,27 @@ The rules, in one place:
 * **Only first-hand knowledge enters the state.** The leaf set and the routing
   table hold only nodes this node has heard from directly. Refs learned second
   hand (join replies, leaf sets, rows) are *hints*: a hint that would improve the
-  state is probed, and the probe's reply adds it. Dead nodes gossiped by slower
-  peers therefore never displace live ones, and probing a hint also introduces
-  this node to it (which is how a joining node announces itself).
+  state is probed, and the probe's answer admits it. Dead nodes gossiped by
+  slower peers therefore never displace live ones, and probing a hint also
+  introduces this node to it (which is how a joining node announces itself).
 * **Join** routes a ``Join`` towards the new node's own id through a bootstrap
   node; every node on the path answers with its routing-table rows, the last one
   (the numerically closest) with its leaf set too, and the new node is
-  :class:`Ready` when that last answer arrives.
+  :class:`Ready` when that last answer arrives. The same lookup runs again a
+  moment later and then now and then (maintenance), to find neighbours that a
+  join racing with others missed.
 * **State exchange.** Every leaf-set change bumps a version carried by
-  heartbeats; a neighbour that sees a new version pulls the leaf set. This is
-  what makes concurrent joins and repairs converge.
-* **Failure detection.** Leaf-set members heartbeat each other every
-  ``heartbeat_interval``; routing-table entries that are not leaf members are
-  pinged every ``probe_interval`` and answer. A peer silent for
-  ``suspect_after`` is suspect and pinged on every heartbeat; silent for
-  ``dead_after`` it is dead. Detection depends on *gaps* between messages, not
-  on latency, so a slow but live peer keeps its place. A dropped link shortens
-  the grace to ``link_down_grace``.
+  heartbeats; each heartbeat round, a node pulls the leaf set of the nearest
+  neighbour whose version it has not seen.
+* **Failure detection.** Leaf-set members get a heartbeat every
+  ``heartbeat_interval``, routing-table entries every ``probe_interval``. A
+  heartbeat says whether the sender keeps the receiver in its state
+  (``watching``); a peer that does not watch us, and any suspect, is asked to
+  answer. So evidence of life flows at the heartbeat rate however long the
+  latency, and only *gaps* count: silent for ``suspect_after``, a peer is
+  suspect and pinged every round; silent for ``dead_after``, it is dead. A node
+  that drops a peer from its state tells it (``watching`` false) so that it
+  starts asking at once. A dropped link shortens the grace to ``link_down_grace``.
 * **Repair.** A lost leaf member is replaced from known peers at once, and the
   farthest healthy member on each side is asked for its leaf set; a lost table
   slot is refilled by asking a peer that shares the row for its row. A graceful
@@ -91,6 +95,8 @@ class PastryConfig:
     """Least time between two leaf-set requests to one peer prompted by heartbeats."""
     maintenance_interval: float = 15.0
     """Mean time between two background state exchanges with random peers."""
+    settle_time: float = 1.5
+    """Mean time after joining before the first of those (a second look at the neighbourhood)."""
     dead_memory: float = 10.0
     """How long second-hand mentions of a dead (or silent) node are ignored."""
     max_dead: int = 256
@@ -405,9 +411,11 @@ class RoutingTable:
     Keeping whichever node came first would put the network's oldest nodes in
     almost every table (measured: one node in 888 of 1,000 tables), and each
     table entry is pinged every second. Per-node targets spread that load
-    evenly, and a slot changes only when a strictly better node is heard from,
-    so tables still settle. Rows are allocated when first used: a 10,000-node
-    network needs four of the 32.
+    evenly (at most about four times the mean), and a slot changes only when a
+    strictly better node is heard from directly, so tables still settle.
+    Second-hand hints are probed only for empty slots: chasing every better
+    candidate would cost more messages than the balance is worth. Rows are
+    allocated when first used: a 10,000-node network needs four of the 32.
     """
 
     def __init__(self, own: int) -> None:
@@ -498,7 +506,15 @@ class RoutingTable:
 class _Peer:
     """What this node knows about one node in its leaf set or routing table."""
 
-    __slots__ = ("address", "asked_at", "last_heard", "leaf_version", "suspect", "watches_us")
+    __slots__ = (
+        "address",
+        "advertised_version",
+        "asked_at",
+        "last_heard",
+        "pulled_version",
+        "suspect",
+        "watches_us",
+    )
 
     def __init__(self, address: Address, now: float) -> None:
         self.address = address
@@ -506,7 +522,10 @@ class _Peer:
         self.suspect = False
         self.watches_us = False
         """It said it keeps us in its state, so its own heartbeats will keep coming."""
-        self.leaf_version = -1
+        self.advertised_version = -1
+        """The leaf-set version its heartbeats announce..."""
+        self.pulled_version = -1
+        """...and the one we last fetched; they differ when it has news."""
         self.asked_at = -math.inf
 
 
@@ -587,7 +606,7 @@ class PastryNode:
         elif isinstance(message, LeafSetReply):
             peer = self._learn(src_id, message.address, now, effects)
             if peer is not None:
-                peer.leaf_version = message.leaf_version
+                peer.pulled_version = message.leaf_version
             self._hints(message.refs, now, effects)
         elif isinstance(message, Join):
             self._on_join(message, effects)
@@ -597,6 +616,7 @@ class PastryNode:
             if message.final and self._state == "joining":
                 self._state = "ready"
                 self._join_deadline = math.inf
+                self._next_maintenance = now + self.config.settle_time * (0.5 + self._rng.random())
                 effects.append(Ready())
         elif isinstance(message, RowRequest):
             self._learn(src_id, message.address, now, effects)
@@ -629,7 +649,7 @@ class PastryNode:
             probe_round = now >= self._next_probe_round
             if probe_round:
                 self._next_probe_round = now + config.probe_interval
-            self._heartbeat(probe_round, effects)
+            self._heartbeat(now, probe_round, effects)
             if now >= self._join_deadline:
                 self._send_join(now, effects)
             if now >= self._next_maintenance:
@@ -880,8 +900,7 @@ class PastryNode:
             if node_id == self.node_id or node_id in probes or node_id in self._dead:
                 continue
             if node_id in peers:
-                self._place(node_id, effects)  # known alive; it may fit somewhere new
-                continue
+                continue  # known alive; it can only fit somewhere new after a loss (_lose)
             if not (leaf.accepts(node_id) or table.is_empty_for(node_id)):
                 continue
             if len(probes) >= self.config.max_probes:
@@ -931,28 +950,39 @@ class PastryNode:
         peer.watches_us = message.watching
         if message.want_reply or ask:
             effects.append(Send(src_id, message.address, self._beat(ask)))
-        if (
-            message.leaf_version != peer.leaf_version
-            and src_id in self._leaf
-            and now - peer.asked_at >= self.config.request_interval
-        ):
-            peer.asked_at = now
-            effects.append(Send(src_id, peer.address, LeafSetRequest(self.address)))
+        peer.advertised_version = message.leaf_version
 
-    def _heartbeat(self, probe_round: bool, effects: list[Effect]) -> None:
+    def _heartbeat(self, now: float, probe_round: bool, effects: list[Effect]) -> None:
         """Heartbeats to the leaf set every round, to table entries every probe round.
 
         A peer that watches us sends its own heartbeats, so ours need no answer;
         any other peer, and any suspect, is asked for one. Either way evidence
         flows at the heartbeat rate whatever the latency.
+
+        Then pull the leaf set of at most one leaf member with news, the nearest:
+        a join or a loss changes the leaf sets of a whole neighbourhood at once,
+        and one of them tells us as much as all sixteen.
         """
         beat = self._beat(False)
         ping = self._beat(True)
         leaf = self._leaf
+        stale: list[int] = []
+        retry = now - self.config.request_interval
         for p, peer in self._peers.items():
-            if probe_round or peer.suspect or p in leaf:
+            in_leaf = p in leaf
+            if probe_round or peer.suspect or in_leaf:
                 wanted = peer.suspect or not peer.watches_us
                 effects.append(Send(p, peer.address, ping if wanted else beat))
+            if (
+                in_leaf
+                and peer.advertised_version != peer.pulled_version
+                and peer.asked_at <= retry
+            ):
+                stale.append(p)
+        if stale:
+            own = self.node_id
+            nearest = min(stale, key=lambda p: (ring_distance(own, p), p))
+            self._ask_leaf_set(nearest, now, effects)
 
     def _beat(self, want_reply: bool) -> Heartbeat:
         return Heartbeat(self.address, self._leaf_version, True, want_reply)
@@ -1035,12 +1065,21 @@ class PastryNode:
             effects.append(Send(p, self._peers[p].address, RowRequest(self.address, row)))
 
     def _maintain(self, now: float, effects: list[Effect]) -> None:
-        """Background state exchange: one leaf set and one table row from random peers."""
+        """Background state exchange: look ourselves up, and fetch a table row.
+
+        The lookup is a Join for our own id through a random peer. It ends at the
+        node the *rest* of the network believes is closest to us, whose leaf set
+        then comes back. That is what finds neighbours we have never heard of: a
+        join that raced with others can leave a node and its true neighbours
+        each unaware of the other, and no amount of gossip among the wrong
+        neighbours fixes that quickly.
+        """
         config = self.config
         self._next_maintenance = now + config.maintenance_interval * (0.5 + self._rng.random())
-        members = list(self._leaf)
-        if members:
-            self._ask_leaf_set(self._rng.choice(members), now, effects)
+        if self._peers:
+            via = self._rng.choice(list(self._peers))
+            lookup = Join(self.node_id, self.address, 0)
+            effects.append(Send(via, self._peers[via].address, lookup))
         entries = list(self._table)
         if entries:
             peer_id = self._rng.choice(entries)

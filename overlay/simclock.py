@@ -33,29 +33,26 @@ class HeapClock:
     """Simulated time that only moves when told to, running calls in time order."""
 
     def __init__(self, start: float = 0.0) -> None:
-        self._now = start
+        self.now = start
+        """The current time (read it, never set it: use the run methods)."""
         self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._cancelled = 0
 
-    @property
-    def now(self) -> float:
-        return self._now
-
     def seconds(self) -> float:
         """The current time (the name ``IReactorTime`` uses)."""
-        return self._now
+        return self.now
 
     def call_at(self, when: float, fn: Callable[..., object], *args: object) -> Timer:
         """Run ``fn(*args)`` at ``when`` (now, if that has passed)."""
-        if when < self._now:
-            when = self._now
+        if when < self.now:
+            when = self.now
         timer = Timer(when, fn, args)
         heapq.heappush(self._heap, (when, next(self._seq), timer))
         return timer
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> Timer:
-        return self.call_at(self._now + delay, fn, *args)
+        return self.call_at(self.now + delay, fn, *args)
 
     def cancel(self, timer: Timer) -> None:
         if timer.cancelled:
@@ -82,7 +79,7 @@ class HeapClock:
         if not self._heap:
             return False
         when, _, timer = heapq.heappop(self._heap)
-        self._now = when
+        self.now = when
         timer.cancelled = True  # it has run: cancelling it now is a no-op
         timer.fn(*timer.args)
         return True
@@ -96,17 +93,17 @@ class HeapClock:
             if timer.cancelled:
                 self._cancelled -= 1
                 continue
-            self._now = timer.when
+            self.now = timer.when
             timer.cancelled = True
             timer.fn(*timer.args)
             ran += 1
-        if when > self._now:
-            self._now = when
+        if when > self.now:
+            self.now = when
         return ran
 
     def advance(self, delay: float) -> int:
         """Move time forward by ``delay``, running what falls due on the way."""
-        return self.run_until(self._now + delay)
+        return self.run_until(self.now + delay)
 
     def _skip_cancelled(self) -> None:
         heap = self._heap

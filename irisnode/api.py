@@ -26,6 +26,10 @@ TUNNEL_CONFIRM_SECONDS = 3.0
 """How long a service has to accept a tunnel offer before the offer is withdrawn."""
 
 
+RESERVED_PREFIX = "$node."
+"""Clusters the node serves itself (see :mod:`irisnode.system`); applications cannot join."""
+
+
 class Endpoint(Protocol):
     """One attached application connection, as the node sees it.
 

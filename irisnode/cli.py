@@ -16,6 +16,8 @@ from typing import Any, TextIO
 from irisnode import __version__
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+COMMANDS = ("keygen", "status", "lookup")
+"""Subcommands (``irisnode keygen ...``); anything else runs a node."""
 
 
 def _port(text: str) -> int:
@@ -42,11 +44,23 @@ def _size(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    if ":" in host.strip("[]") and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"write an IPv6 seed as [ADDRESS]:PORT: {text!r}")
+    if _port(port) == 0:
+        raise argparse.ArgumentTypeError(f"a seed needs a real port: {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irisnode",
         description="Run an irisnode: applications on this machine attach over the Iris "
-        "relay protocol.",
+        "relay protocol. Other commands: 'irisnode keygen', 'irisnode status', "
+        "'irisnode lookup' (each with --help).",
     )
     parser.add_argument("--version", action="version", version=f"irisnode {__version__}")
     parser.add_argument(
@@ -68,6 +82,61 @@ def build_parser() -> argparse.ArgumentParser:
         default=16 << 20,
         metavar="BYTES",
         help="largest request, reply, broadcast or event accepted (default 16M)",
+    )
+    network = parser.add_argument_group(
+        "network mode", "join a network of nodes (without --net: developer mode, this machine only)"
+    )
+    network.add_argument("--net", metavar="NAME", help="network name (needs --key)")
+    network.add_argument(
+        "--key", metavar="FILE", help="network key file made by 'irisnode keygen' (needs --net)"
+    )
+    network.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="discover peers on this interface (repeatable; default: every up, "
+        "multicast-capable, non-loopback interface)",
+    )
+    network.add_argument(
+        "--seed",
+        action="append",
+        default=[],
+        type=_seed,
+        metavar="HOST:PORT",
+        help="link to this node even without multicast (repeatable; [IPV6]:PORT)",
+    )
+    network.add_argument(
+        "--link-port",
+        type=_port,
+        default=55556,
+        metavar="PORT",
+        help="port for links with other nodes, on all addresses (default 55556)",
+    )
+    network.add_argument(
+        "--discovery-port",
+        type=_port,
+        default=0,
+        metavar="PORT",
+        help="UDP port of the multicast beacons (default: the standard one, 47853)",
+    )
+    network.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="no multicast discovery: only --seed nodes and those that link to us",
+    )
+    network.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="address other nodes should dial this one on (repeatable; default: the "
+        "addresses of this host's interfaces)",
+    )
+    network.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep this node's identity here (default: a new identity every start)",
     )
     parser.add_argument(
         "--max-backlog",
@@ -172,13 +241,45 @@ def run(args: argparse.Namespace) -> int:
     from twisted.internet.error import CannotListenError
     from twisted.logger import Logger
 
-    from irisnode.node import Node, NodeConfig
+    from irisnode.node import NetworkConfig, Node, NodeConfig
     from relay.server import RelayLimits
+
+    network = None
+    if args.net is not None:
+        from overlay.identity import CredentialError, NetworkKey
+
+        try:
+            NetworkKey.load(args.key, expected_name=args.net)  # say what is wrong, before we start
+        except CredentialError as error:
+            print(f"irisnode: {error}", file=sys.stderr)
+            return 1
+        network = NetworkConfig(
+            name=args.net,
+            key_file=args.key,
+            link_port=args.link_port,
+            interfaces=tuple(args.interface),
+            discovery=not args.no_discovery,
+            discovery_port=args.discovery_port,
+            seeds=tuple(args.seed),
+            state_dir=args.state_dir,
+            advertise=tuple(args.advertise),
+        )
 
     log = Logger(namespace="irisnode")
     start_logging(args.log_level, args.log_format, sys.stderr)
     limits = RelayLimits(max_payload=args.max_message_size, max_backlog=args.max_backlog)
-    node = Node(reactor, NodeConfig(relay_port=args.relay_port, relay_limits=limits))
+    node = Node(
+        reactor, NodeConfig(relay_port=args.relay_port, relay_limits=limits, network=network)
+    )
+    exit_code = 0
+
+    def overlay_failed(error: Exception) -> None:
+        nonlocal exit_code
+        print(f"irisnode: cannot join the network: {error}", file=sys.stderr)
+        exit_code = 1
+        reactor.stop()
+
+    node.on_failure = overlay_failed
     try:
         node.start()
     except CannotListenError as error:
@@ -195,12 +296,21 @@ def run(args: argparse.Namespace) -> int:
     # starts background jobs with SIGINT ignored, and the node must still stop on it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor.run()
-    return 0
+    return exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in COMMANDS:
+        from irisnode import commands
+
+        return commands.main(arguments)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
+    if (args.net is None) != (args.key is None):
+        parser.error("--net and --key go together: a network is its name and its key")
+    if args.net is None and (args.interface or args.seed or args.state_dir or args.advertise):
+        parser.error("--interface, --seed, --advertise and --state-dir need --net and --key")
     return run(args)
 
 

@@ -1,13 +1,20 @@
-"""One irisnode: the broker, its timer and the relay listeners, wired together.
+"""One irisnode: the broker, its timer, the relay listeners and the overlay, wired together.
 
 This is the owner that connects the pure pieces to a reactor. Everything it needs
-from the outside world (the reactor, and through it the clock) is passed in, so
-tests run whole nodes on any reactor and the CLI is the only place that touches
-the global one.
+from the outside world (the reactor, and through it the clock; randomness and
+entropy) is passed in, so tests run whole nodes on any reactor and the CLI is the
+only place that touches the global one.
+
+The relay serves applications the moment :meth:`Node.start` returns; the overlay
+starts on the next reactor turn and joins in the background.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +22,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from irisnode import __version__, system
 from irisnode.broker import Broker
 from overlay.timer import DeadlineTimer
 from relay.server import RelayFactory, RelayLimits, listen_loopback
@@ -24,18 +32,60 @@ log = Logger(namespace="irisnode.node")
 DEFAULT_RELAY_PORT = 55555
 
 
+DEFAULT_LINK_PORT = 55556
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """How the node joins a network of nodes (``--net`` and friends)."""
+
+    name: str
+    key_file: str
+    link_port: int = DEFAULT_LINK_PORT
+    link_interface: str = "::"
+    interfaces: tuple[str, ...] = ()
+    """Interfaces for discovery; empty: every up, multicast-capable, non-loopback one."""
+    discovery: bool = True
+    discovery_port: int = 0
+    """0: the standard discovery port."""
+    seeds: tuple[str, ...] = ()
+    """``HOST:PORT`` of nodes to link to even without multicast."""
+    advertise: tuple[str, ...] = ()
+    """Addresses other nodes should dial us on; empty: this host's interface addresses."""
+    state_dir: str | None = None
+    """Where the node keeps its identity; without one it gets a new one every start."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     relay_port: int = DEFAULT_RELAY_PORT
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    network: NetworkConfig | None = None
+    """None: developer mode, a one-node overlay of a fresh random network on loopback."""
+    overlay: bool = True
+    """False: no overlay at all (a pure single-node broker)."""
 
 
 class Node:
     """A complete single node: applications attach over the relay and talk to each other."""
 
-    def __init__(self, reactor: Any, config: NodeConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: NodeConfig,
+        *,
+        rng: random.Random | None = None,
+        entropy: Callable[[int], bytes] = os.urandom,
+    ) -> None:
         self.reactor = reactor
         self.config = config
+        self.rng = rng if rng is not None else random.Random(entropy(16))
+        self.entropy = entropy
+        self.overlay: Any = None  # overlay.node.OverlayNode, once started
+        self.started_at = reactor.seconds()
+        self.failed: Exception | None = None
+        self.on_failure: Callable[[Exception], None] | None = None
+        """Called when the overlay cannot start (the CLI stops the process then)."""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self.broker = Broker(wake=self._timer.wake)
         self.relay = RelayFactory(self.broker, reactor, config.relay_limits)
@@ -46,8 +96,68 @@ class Node:
         return self.broker.next_deadline()
 
     def start(self) -> None:
-        """Start listening; raises if neither 127.0.0.1 nor [::1] can be bound."""
+        """Start serving applications; the overlay follows on the next reactor turn.
+
+        Raises if neither 127.0.0.1 nor [::1] can be bound for the relay.
+        """
         self._listeners = listen_loopback(self.reactor, self.relay, self.config.relay_port)
+        self.broker.attach(
+            system.SystemService(self.broker, self.reactor, self._status_request), system.STATUS
+        )
+        self.broker.attach(
+            system.SystemService(self.broker, self.reactor, self._lookup_request), system.LOOKUP
+        )
+        if self.config.overlay:
+            self.reactor.callLater(0, self._start_overlay)
+
+    def _start_overlay(self) -> None:
+        from irisnode.network import start_overlay  # heavy imports: after the relay is up
+
+        network = self.config.network
+        try:
+            self.overlay = start_overlay(self.reactor, network, rng=self.rng, entropy=self.entropy)
+        except Exception as error:
+            log.error("cannot start the overlay: {error}", error=str(error))
+            self.failed = error
+            if self.on_failure is not None:
+                self.on_failure(error)
+            return
+        overlay = self.overlay
+        (log.info if network is not None else log.debug)(
+            "overlay started: node {node_id} in network {network}, links on port {link_port}",
+            node_id=f"{overlay.node_id:032x}",
+            network=overlay.network.name,
+            link_port=overlay.link_port,
+        )
+
+    async def _status_request(self, request: bytes) -> bytes:
+        return json.dumps(self.status()).encode()
+
+    async def _lookup_request(self, request: bytes) -> bytes:
+        from overlay.ids import format_id, parse_id
+
+        if self.overlay is None:
+            raise RuntimeError("the overlay is not running")
+        owner = await self.overlay.lookup(parse_id(request.decode("ascii", "replace").strip()))
+        return format_id(owner).encode()
+
+    def status(self) -> dict[str, Any]:
+        """This node as ``irisnode status`` shows it."""
+        counters = self.relay.counters
+        return {
+            "version": __version__,
+            "uptime": round(self.reactor.seconds() - self.started_at, 3),
+            "relay": {
+                "addresses": self.relay_addresses,
+                "connections": len(self.relay.connections),
+                "handshakes": counters.handshakes,
+                "dropped_connections": counters.drops,
+                "dropped_deliveries": counters.dropped_deliveries,
+                "paused_reads": counters.paused_reads,
+            },
+            "messaging": dict(self.broker.counters),
+            "overlay": self.overlay.status() if self.overlay is not None else None,
+        }
 
     @property
     def relay_port(self) -> int:
@@ -77,6 +187,8 @@ class Node:
         self.broker.shut_down()
         self.relay.shut_down(reason)
         self._timer.stop()
+        if self.overlay is not None:
+            await self.overlay.stop()
         deadline = self.reactor.seconds() + grace
         while self.relay.connections and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.01)

@@ -307,6 +307,8 @@ class Link(Protocol):
 
 
 class _ListeningFactory(ServerFactory):
+    noisy = False
+
     def __init__(self, service: LinkService) -> None:
         self.service = service
 
@@ -315,6 +317,8 @@ class _ListeningFactory(ServerFactory):
 
 
 class _DialingFactory(ClientFactory):
+    noisy = False
+
     def __init__(self, dialer: Dialer) -> None:
         self.dialer = dialer
 

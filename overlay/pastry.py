@@ -680,6 +680,30 @@ class PastryNode:
         self._route(message, now, effects, originated=True)
         return effects
 
+    def join_via(self, ref: NodeRef, now: float) -> list[Effect]:
+        """Route a Join towards our own id through ``ref``, even though we are running.
+
+        A node that started alone (a one-node overlay, usable at once) calls this
+        when it first hears of another node: the path's answers fill its state as
+        a join's would, and probing them introduces it to its neighbours. Two
+        one-node overlays that find each other merge this way.
+        """
+        if self._state == "new" or self._state == "left" or ref.node_id == self.node_id:
+            return []
+        return [Send(ref.node_id, ref.address, Join(self.node_id, self.address, 0))]
+
+    def hint(self, refs: Iterable[NodeRef], now: float) -> list[Effect]:
+        """Nodes heard of from outside (discovery, seeds): probe those that would help.
+
+        Only a node that would improve the leaf set or fill an empty routing slot is
+        contacted, so hearing of a node costs nothing when the overlay does not need it.
+        """
+        if self._state == "new" or self._state == "left":
+            return []
+        effects: list[Effect] = []
+        self._hints(refs, now, effects)
+        return effects
+
     def link_up(self, peer_id: int, address: Address, now: float) -> list[Effect]:
         """The link layer has an authenticated link to ``peer_id``: first-hand knowledge."""
         if self._state == "new" or self._state == "left":

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from irisnode.api import DEFAULT_CHUNK_LIMIT, Messaging, TunnelEnd
+from irisnode.api import DEFAULT_CHUNK_LIMIT, RESERVED_PREFIX, Messaging, TunnelEnd
 from relay import codec
 from relay.codec import (
     CLIENT_MAGIC,
@@ -197,6 +197,13 @@ class RelaySession:
             reason = f"Unsupported protocol. Client: {packet.version}. Iris: {PROTOCOL_VERSION}."
             self._wire.write(codec.Denied(reason).encode())
             self._wire.abort(f"unsupported protocol version {packet.version!r}")
+            return
+        if packet.cluster.startswith(RESERVED_PREFIX):
+            self.state = State.CLOSED
+            self._wire.write(
+                codec.Denied(f"cluster names starting with {RESERVED_PREFIX} are reserved").encode()
+            )
+            self._wire.abort(f"tried to register reserved cluster {packet.cluster!r}")
             return
         self.cluster = packet.cluster
         self.state = State.OPEN

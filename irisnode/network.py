@@ -1,0 +1,96 @@
+"""Bringing up a node's overlay from its configuration: credentials, links, discovery.
+
+Kept apart from :mod:`irisnode.node` so that its imports (PyNaCl, msgpack,
+sortedcontainers) load only after the relay is already serving applications.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from overlay.discovery import Discovery, DiscoveryConfig, parse_seed
+from overlay.discovery_twisted import DEFAULT_PORT, MulticastDiscovery, MulticastSockets
+from overlay.identity import Credentials, NetworkKey, NodeIdentity
+from overlay.interfaces import list_interfaces, select_interfaces
+from overlay.node import OverlayConfig, OverlayNode
+
+if TYPE_CHECKING:
+    from irisnode.node import NetworkConfig
+
+Entropy = Callable[[int], bytes]
+
+
+def _reachable_hosts(interfaces: tuple[Any, ...]) -> tuple[str, ...]:
+    """Where other nodes can dial us: IPv4 first, then IPv6 link-local, loopback last.
+
+    Loopback addresses stay at the end so that several nodes on one machine (with
+    ``--seed 127.0.0.1:PORT``) still find each other.
+    """
+    ordered = sorted((i for i in interfaces if i.up), key=lambda i: i.loopback)
+    hosts = [host for i in ordered for host in i.ipv4]
+    hosts += [host for i in ordered for host in i.ipv6_link_local]
+    return tuple(dict.fromkeys(hosts))
+
+
+def start_overlay(
+    reactor: Any, network: NetworkConfig | None, *, rng: random.Random, entropy: Entropy
+) -> OverlayNode:
+    """Start the overlay described by ``network`` (None: developer mode) and return it.
+
+    Raises :class:`~overlay.identity.CredentialError`,
+    :class:`~overlay.interfaces.InterfaceSelectionError` or a listening error with a
+    message fit for the user.
+    """
+    if network is None:
+        # Developer mode: a network of one that nobody else can join, on loopback.
+        key = NetworkKey.ephemeral(entropy)
+        identity = NodeIdentity.generate(entropy)
+        config = OverlayConfig(link_port=0, link_interface="127.0.0.1")
+        node = OverlayNode(
+            reactor, key, Credentials.for_network(key, identity), config, rng=rng, entropy=entropy
+        )
+        node.start()
+        return node
+
+    key = NetworkKey.load(network.key_file, expected_name=network.name)
+    if network.state_dir is not None:
+        identity = NodeIdentity.load_or_create(network.state_dir, entropy)
+    else:
+        identity = NodeIdentity.generate(entropy)
+    seeds = tuple(parse_seed(seed) for seed in network.seeds)
+
+    def chosen() -> tuple[Any, ...]:
+        return select_interfaces(list_interfaces(), network.interfaces, network=True)
+
+    interfaces = chosen() if network.discovery else ()
+    advertised = network.advertise or _reachable_hosts(interfaces or tuple(list_interfaces()))
+    scope = next((i.name for i in interfaces if i.ipv6_link_local), "")
+    config = OverlayConfig(
+        link_port=network.link_port,
+        link_interface=network.link_interface,
+        advertised_hosts=tuple(advertised),
+        scope_interface=scope,
+    )
+    node = OverlayNode(
+        reactor, key, Credentials.for_network(key, identity), config, rng=rng, entropy=entropy
+    )
+    node.start()
+    if interfaces:
+        core = Discovery(
+            key.beacon_key(),
+            node.node_id,
+            node.link_port,
+            rng,
+            entropy,
+            DiscoveryConfig(seeds=seeds),
+        )
+        sockets = MulticastSockets(reactor, network.discovery_port or DEFAULT_PORT)
+        adapter = MulticastDiscovery(core, reactor, sockets, chosen, node.on_discovery)
+        adapter.start()
+        node.attach_discovery(adapter, core)
+    else:
+        for seed in seeds:
+            node.add_seed(seed.host, seed.port)
+    return node

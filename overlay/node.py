@@ -1,0 +1,442 @@
+"""One node's overlay: links, discovery and Pastry, wired together on a reactor.
+
+:class:`OverlayNode` owns a :class:`~overlay.link_twisted.LinkService` (authenticated,
+encrypted links), optionally a :class:`~overlay.discovery_twisted.MulticastDiscovery`
+(LAN beacons), and a pure :class:`~overlay.pastry.PastryNode`. It turns the core's
+effects into link traffic and link events into core input:
+
+* ``Send`` goes over the link to that peer; with no link yet, the message waits
+  (bounded) while the peer is dialled, and is dropped if no link comes up in time.
+* A node starts as a one-node overlay at once, so it is usable immediately; the
+  first peer it hears of becomes its way in (``join_via``), and every later one is
+  offered to Pastry as a hint, which dials it only if it would improve the state
+  ("dial only when the overlay needs it").
+* ``lookup(key)`` routes a probe to the node responsible for ``key`` and returns
+  its id: what ``irisnode lookup`` and the LAN tests use to check routing.
+
+Peer addresses inside Pastry are opaque bytes; here they are ``"PORT HOST HOST..."``
+in ASCII: the link port and the addresses the node can be reached on. IPv6
+link-local hosts travel without a scope (it only means something on the receiving
+host) and get the scope of the interface the peer was heard on when dialled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.logger import Logger
+
+from overlay import wire
+from overlay.discovery import PeerForgotten, PeerSeen, SeedCandidate
+from overlay.identity import Credentials, NetworkKey
+from overlay.ids import format_id
+from overlay.link_twisted import Link, LinkService
+from overlay.pastry import (
+    Deliver,
+    Dropped,
+    Effect,
+    Intercept,
+    NodeRef,
+    PastryConfig,
+    PastryNode,
+    PeerDead,
+    Ready,
+    Send,
+)
+from overlay.timer import DeadlineTimer
+
+log = Logger(namespace="irisnode.overlay")
+
+Entropy = Callable[[int], bytes]
+
+_LOOKUP = 0
+_FOUND = 1
+
+
+def encode_address(port: int, hosts: Sequence[str]) -> bytes:
+    """Pastry's opaque address of a node: its link port and where it can be reached."""
+    return " ".join([str(port), *hosts]).encode("ascii")
+
+
+def decode_address(address: bytes) -> tuple[int, list[str]]:
+    """The inverse of :func:`encode_address`; raises ValueError on anything else."""
+    port_text, *hosts = address.decode("ascii").split(" ")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in address {address!r}")
+    for host in hosts:
+        ipaddress.ip_address(host.partition("%")[0])
+    return port, hosts
+
+
+def _is_link_local(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_link_local
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayConfig:
+    link_port: int = 0
+    """Where links are accepted (0: any free port)."""
+    link_interface: str = "::"
+    """Address the link listener binds: all of them by default (links authenticate)."""
+    advertised_hosts: tuple[str, ...] = ()
+    """Addresses others may dial; with none, the listener's own address is used."""
+    scope_interface: str = ""
+    """Interface that gives link-local peers without a known scope their scope."""
+    pastry: PastryConfig = field(default_factory=PastryConfig)
+    dial_timeout: float = 5.0
+    """A peer that cannot be linked within this long loses the messages queued for it."""
+    max_queued: int = 256
+    """Messages held per peer while its link is being set up."""
+    lookup_timeout: float = 2.0
+
+
+@dataclass(slots=True)
+class _Dialling:
+    host: str
+    port: int
+    queue: list[bytes] = field(default_factory=list)
+    give_up: IDelayedCall | None = None
+
+
+class OverlayNode:
+    """The overlay of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        network: NetworkKey,
+        credentials: Credentials,
+        config: OverlayConfig,
+        *,
+        rng: random.Random,
+        entropy: Entropy,
+    ) -> None:
+        self.reactor = reactor
+        self.network = network
+        self.credentials = credentials
+        self.config = config
+        self._rng = rng
+        self._entropy = entropy
+        self.node_id = credentials.identity.node_id
+        self.links = LinkService(reactor, reactor, credentials, self, entropy=entropy, rng=rng)
+        self.discovery: Any = None  # a MulticastDiscovery, see attach_discovery
+        self._discovery_core: Any = None
+        self.pastry: PastryNode | None = None
+        self.address = b""
+        self._timer = DeadlineTimer(reactor, self._on_timer)
+        self._listener: IListeningPort | None = None
+        self._dialling: dict[int, _Dialling] = {}
+        self._heard_at: dict[int, tuple[str, int]] = {}  # where discovery heard a peer
+        self._joined_via: int | None = None
+        self._lookups: dict[int, Deferred[int]] = {}
+        self._next_lookup = 0
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen for links and start as a one-node overlay; peers extend it as they appear."""
+        self.started_at = self.reactor.seconds()
+        self._listener = self.links.listen(self.config.link_port, self.config.link_interface)
+        bound: Any = self._listener.getHost()
+        port = int(bound.port)
+        hosts = self.config.advertised_hosts or (bound.host,)
+        self.address = encode_address(port, hosts)
+        self.pastry = PastryNode(self.node_id, self.address, self._rng, self.config.pastry)
+        self._apply(self.pastry.start(self.reactor.seconds()))
+
+    @property
+    def link_port(self) -> int:
+        if self._listener is None:
+            return 0
+        bound: Any = self._listener.getHost()
+        return int(bound.port)
+
+    async def stop(self) -> None:
+        """Say goodbye to the leaf set (so it repairs at once), then close everything."""
+        if self.pastry is not None:
+            self._apply(self.pastry.leave(self.reactor.seconds()))
+        self._timer.stop()
+        for dialling in self._dialling.values():
+            if dialling.give_up is not None and dialling.give_up.active():
+                dialling.give_up.cancel()
+        self._dialling.clear()
+        for pending in self._lookups.values():
+            pending.errback(TimeoutError("node stopping"))
+        self._lookups.clear()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.links.stop()
+
+    # -- discovery -----------------------------------------------------------------------
+
+    def on_discovery(self, event: object) -> None:
+        """Events of :class:`~overlay.discovery_twisted.MulticastDiscovery`."""
+        if isinstance(event, PeerSeen):
+            if event.node_id == self.node_id:
+                return
+            self._heard_at[event.node_id] = (event.address, event.port)
+            self._offer(NodeRef(event.node_id, encode_address(event.port, [event.address])))
+        elif isinstance(event, SeedCandidate):
+            self.links.connect(event.host, event.port)
+        elif isinstance(event, PeerForgotten):
+            self._heard_at.pop(event.node_id, None)
+
+    def attach_discovery(self, adapter: Any, core: Any) -> None:
+        """Let ``adapter`` (a started MulticastDiscovery) report peers; stop it with us."""
+        self.discovery = adapter
+        self._discovery_core = core
+
+    def add_seed(self, host: str, port: int) -> None:
+        """A static peer address (``--seed``): keep a link to it until it joins us."""
+        self.links.connect(host, port)
+
+    def _offer(self, ref: NodeRef) -> None:
+        """A node we have heard of: the first one is our way in, later ones are hints."""
+        pastry = self.pastry
+        if pastry is None:
+            return
+        now = self.reactor.seconds()
+        if self._joined_via is None:
+            self._joined_via = ref.node_id
+            self._apply(pastry.join_via(ref, now))
+        else:
+            self._apply(pastry.hint([ref], now))
+
+    # -- links (LinkHandler) -------------------------------------------------------------
+
+    def link_established(self, link: Link) -> None:
+        peer = link.peer_node_id
+        assert peer is not None
+        dialling = self._dialling.pop(peer, None)
+        if dialling is not None and dialling.give_up is not None and dialling.give_up.active():
+            dialling.give_up.cancel()
+        pastry = self.pastry
+        if pastry is None:
+            return
+        if dialling is not None:
+            # We dialled it, so we know where it listens: first-hand knowledge.
+            address = encode_address(dialling.port, [dialling.host.partition("%")[0]])
+            self._apply(pastry.link_up(peer, address, self.reactor.seconds()))
+            for data in dialling.queue:
+                link.send(data)
+        elif link.initiated_locally and self._joined_via is None:
+            # A seed answered: join the overlay through it.
+            host = getattr(link.address, "host", "")
+            port = getattr(link.address, "port", 0)
+            if host and port:
+                self._offer(NodeRef(peer, encode_address(port, [host])))
+
+    def frame_received(self, link: Link, data: bytes) -> None:
+        peer = link.peer_node_id
+        pastry = self.pastry
+        if peer is None or pastry is None:
+            return
+        try:
+            message = wire.decode(data)
+        except wire.WireError as error:
+            log.warn("dropping link to {peer}: {reason}", peer=format_id(peer), reason=str(error))
+            link.close()
+            return
+        self._apply(pastry.handle(peer, message, self.reactor.seconds()))
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        peer = link.peer_node_id
+        if peer is not None and self.pastry is not None:
+            self._apply(self.pastry.link_down(peer, self.reactor.seconds()))
+
+    # -- Pastry effects ------------------------------------------------------------------
+
+    def _on_timer(self, now: float) -> float | None:
+        pastry = self.pastry
+        if pastry is None:
+            return None
+        self._apply(pastry.on_timer(now), rearm=False)
+        return pastry.next_deadline()
+
+    def _apply(self, effects: list[Effect], rearm: bool = True) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(effect.dst_id, effect.dst_address, wire.encode(effect.message))
+            elif isinstance(effect, Deliver):
+                self._deliver(effect)
+            elif isinstance(effect, Intercept):
+                assert self.pastry is not None
+                self._apply(self.pastry.forward(effect.message, self.reactor.seconds()))
+            elif isinstance(effect, PeerDead):
+                log.info(
+                    "peer {peer} is gone ({why})", peer=format_id(effect.peer_id), why=effect.reason
+                )
+                self._forget(effect.peer_id)
+            elif isinstance(effect, Ready):
+                self.ready_at = self.reactor.seconds()
+            elif isinstance(effect, Dropped):
+                log.debug("routed message dropped: {reason}", reason=effect.reason)
+        if rearm and self.pastry is not None:
+            self._timer.wake(self.pastry.next_deadline())
+
+    def _send(self, peer: int, address: bytes, data: bytes) -> None:
+        link = self.links.links.get(peer)
+        if link is not None:
+            link.send(data)
+            return
+        dialling = self._dialling.get(peer)
+        if dialling is None:
+            target = self._dial_target(peer, address)
+            if target is None:
+                return
+            host, port = target
+            dialling = self._dialling[peer] = _Dialling(host, port)
+            dialling.give_up = self.reactor.callLater(self.config.dial_timeout, self._give_up, peer)
+            self.links.connect(host, port, expected_peer=peer)
+        if len(dialling.queue) < self.config.max_queued:
+            dialling.queue.append(data)
+
+    def _dial_target(self, peer: int, address: bytes) -> tuple[str, int] | None:
+        heard = self._heard_at.get(peer)
+        if heard is not None:
+            return heard
+        try:
+            port, hosts = decode_address(address)
+        except ValueError:
+            log.warn(
+                "cannot dial {peer}: bad address {address!r}", peer=format_id(peer), address=address
+            )
+            return None
+        if not hosts:
+            return None
+        # IPv4 first: it needs no scope. A bare link-local IPv6 address gets ours.
+        hosts.sort(key=_is_link_local)
+        host = hosts[0]
+        if _is_link_local(host) and "%" not in host and self.config.scope_interface:
+            host = f"{host}%{self.config.scope_interface}"
+        return host, port
+
+    def _give_up(self, peer: int) -> None:
+        dialling = self._dialling.pop(peer, None)
+        if dialling is not None and peer not in self.links.links:
+            self.links.disconnect(dialling.host, dialling.port)
+
+    def _forget(self, peer: int) -> None:
+        dialling = self._dialling.pop(peer, None)
+        if dialling is not None:
+            if dialling.give_up is not None and dialling.give_up.active():
+                dialling.give_up.cancel()
+            self.links.disconnect(dialling.host, dialling.port)
+        link = self.links.links.get(peer)
+        if link is not None:
+            link.close()
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def lookup(self, key: int, timeout: float | None = None) -> Deferred[int]:
+        """The id of the node responsible for ``key``, found by routing to it."""
+        assert self.pastry is not None
+        self._next_lookup += 1
+        nonce = self._next_lookup
+        result: Deferred[int] = Deferred()
+        self._lookups[nonce] = result
+        payload = msgpack.packb([_LOOKUP, nonce])
+        self._apply(self.pastry.route(key, payload, self.reactor.seconds()))
+
+        def expire() -> None:
+            pending = self._lookups.pop(nonce, None)
+            if pending is not None:
+                pending.errback(TimeoutError(f"no answer for key {format_id(key)}"))
+
+        delay = self.config.lookup_timeout if timeout is None else timeout
+        call = self.reactor.callLater(delay, expire)
+        result.addBoth(lambda outcome: (call.active() and call.cancel(), outcome)[1])
+        return result
+
+    def _deliver(self, effect: Deliver) -> None:
+        try:
+            message = msgpack.unpackb(effect.payload, max_bin_len=64, max_array_len=4)
+            kind = message[0]
+        except Exception:
+            log.warn("undecodable routed message from {origin}", origin=format_id(effect.origin_id))
+            return
+        assert self.pastry is not None
+        now = self.reactor.seconds()
+        if kind == _LOOKUP and len(message) == 2:
+            answer = msgpack.packb([_FOUND, message[1], self.node_id.to_bytes(16, "big")])
+            if effect.origin_id == self.node_id:
+                self._found(answer)
+            else:
+                self._apply(self.pastry.route(effect.origin_id, answer, now))
+        elif kind == _FOUND and len(message) == 3:
+            self._found(effect.payload)
+
+    def _found(self, payload: bytes) -> None:
+        _, nonce, owner = msgpack.unpackb(payload)
+        pending = self._lookups.pop(nonce, None)
+        if pending is not None:
+            pending.callback(int.from_bytes(owner, "big"))
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What a person needs to see the overlay from here (``irisnode status``)."""
+        pastry = self.pastry
+        left, right = pastry.leaf_set() if pastry is not None else ([], [])
+        rows = pastry.routing_table() if pastry is not None else {}
+        known = pastry.peers() if pastry is not None else {}
+        peers = []
+        for peer_id in sorted(set(known) | set(self.links.links)):
+            link = self.links.links.get(peer_id)
+            address = known.get(peer_id)
+            peers.append(
+                {
+                    "node_id": format_id(peer_id),
+                    "address": address.decode("ascii", "replace") if address else None,
+                    "link": "up" if link is not None else "down",
+                    "remote": _describe(link.address) if link is not None else None,
+                    "leaf": peer_id in left or peer_id in right,
+                }
+            )
+        return {
+            "node_id": format_id(self.node_id),
+            "network": self.network.name,
+            "ready": pastry is not None and pastry.is_ready,
+            "link_port": self.link_port,
+            "address": self.address.decode("ascii"),
+            "peers": peers,
+            "leaf_set": {
+                "left": [format_id(p) for p in left],
+                "right": [format_id(p) for p in right],
+            },
+            "routing_table": {
+                "entries": sum(len(ids) for ids in rows.values()),
+                "rows": {str(row): [format_id(p) for p in ids] for row, ids in rows.items()},
+            },
+            "discovery": self._discovery_status(),
+        }
+
+    def _discovery_status(self) -> dict[str, Any] | None:
+        core = self._discovery_core
+        if core is None:
+            return None
+        return {
+            "interfaces": list(self.discovery.interfaces),
+            "peers_heard": len(core.peers),
+            **dataclasses.asdict(core.stats),
+        }
+
+
+def _describe(address: object) -> str | None:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    return None if host is None else f"{host}:{port}"

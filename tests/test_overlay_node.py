@@ -1,0 +1,192 @@
+"""Whole nodes with the overlay on, in one process on loopback (seeds instead of multicast)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest_twisted
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, globalLogPublisher
+
+from irisnode.node import NetworkConfig, Node, NodeConfig
+from overlay.identity import NetworkKey
+from overlay.ids import closer, format_id
+from relay import codec
+from tests.support import raw_connect, reactor, wait_for
+
+
+class Cluster:
+    """Several nodes of one network, all in this process."""
+
+    def __init__(self, key_file: Path, name: str) -> None:
+        self.key_file = key_file
+        self.name = name
+        self.nodes: list[Node] = []
+
+    async def start(self, *, seed: Node | None = None, key_file: Path | None = None) -> Node:
+        seeds = () if seed is None else (f"127.0.0.1:{seed.overlay.link_port}",)
+        network = NetworkConfig(
+            name=self.name,
+            key_file=str(key_file or self.key_file),
+            link_port=0,
+            link_interface="127.0.0.1",
+            discovery=False,
+            seeds=seeds,
+            advertise=("127.0.0.1",),
+        )
+        node = Node(reactor, NodeConfig(relay_port=0, network=network))
+        node.start()
+        self.nodes.append(node)
+        await wait_for(lambda: node.overlay is not None or node.failed, 5.0, "overlay start")
+        assert node.failed is None
+        return node
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            await node.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    import os
+
+    key_file = tmp_path / "net.key"
+    NetworkKey.generate("testnet", os.urandom).save(key_file)
+    running = Cluster(key_file, "testnet")
+    yield running
+    await running.stop()
+
+
+def owner_of(key: int, ids: list[int]) -> int:
+    best = ids[0]
+    for candidate in ids[1:]:
+        if closer(key, candidate, best):
+            best = candidate
+    return best
+
+
+async def lookups_agree(nodes: list[Node], keys: list[int]) -> bool:
+    ids = [n.overlay.node_id for n in nodes]
+    for node in nodes:
+        for key in keys:
+            try:
+                found = await node.overlay.lookup(key, timeout=1.0)
+            except TimeoutError:
+                return False
+            if found != owner_of(key, ids):
+                return False
+    return True
+
+
+async def eventually(check: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = reactor.seconds() + timeout
+    while not await check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, 0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_join_through_a_seed_and_route_every_key_to_its_owner(
+    cluster: Cluster,
+) -> None:
+    first = await cluster.start()
+    for _ in range(4):
+        await cluster.start(seed=first)
+    keys = [random.Random(7).getrandbits(128) for _ in range(20)]
+    await eventually(lambda: lookups_agree(cluster.nodes, keys), 10.0, "routing to converge")
+    for node in cluster.nodes:
+        state = node.overlay.status()
+        assert state["ready"]
+        assert len(state["leaf_set"]["left"]) + len(state["leaf_set"]["right"]) >= 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_lookup_over_the_relay(cluster: Cluster) -> None:
+    first = await cluster.start()
+    second = await cluster.start(seed=first)
+    await wait_for(lambda: len(first.overlay.links.links) == 1, 5.0, "a link")
+    client = await raw_connect(first.relay_port)
+    client.send(codec.Request(1, "$node.status", b"", 2000))
+    reply = await client.next()
+    assert isinstance(reply, codec.Replied)
+    state = json.loads(reply.reply)
+    assert state["overlay"]["node_id"] == format_id(first.overlay.node_id)
+    assert state["overlay"]["network"] == "testnet"
+    assert state["relay"]["connections"] == 1
+
+    key = second.overlay.node_id
+    client.send(codec.Request(2, "$node.lookup", format_id(key).encode(), 2000))
+    assert await client.next() == codec.Replied(2, format_id(key).encode())
+
+    client.send(codec.Request(3, "$node.lookup", b"not a key", 2000))
+    fault = await client.next()
+    assert isinstance(fault, codec.Faulted) and "32 hex digits" in fault.fault
+
+
+@pytest_twisted.ensureDeferred
+async def test_applications_cannot_register_reserved_clusters(cluster: Cluster) -> None:
+    node = await cluster.start()
+    client = await raw_connect(node.relay_port, None)
+    client.send(codec.Init("$node.status"))
+    denied = await client.next()
+    assert isinstance(denied, codec.Denied) and "reserved" in denied.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_of_another_network_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    import os
+
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        first = await cluster.start()
+        second = await cluster.start(seed=first)
+        await wait_for(lambda: len(first.overlay.links.links) == 1, 5.0, "a link")
+        other_key = tmp_path / "other.key"
+        NetworkKey.generate("testnet", os.urandom).save(other_key)  # same name, other key
+        stranger = await cluster.start(seed=first, key_file=other_key)
+        await wait_for(
+            lambda: any(e.get("reason") == "wrong-network" for e in events),
+            5.0,
+            "the refusal to be logged",
+        )
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert set(first.overlay.links.links) == {second.overlay.node_id}
+    assert dict(stranger.overlay.links.links) == {}
+    assert stranger.overlay.node_id not in first.overlay.pastry.peers()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_vanished_node_is_routed_around(cluster: Cluster) -> None:
+    first = await cluster.start()
+    for _ in range(3):
+        await cluster.start(seed=first)
+    keys = [random.Random(11).getrandbits(128) for _ in range(20)]
+    await eventually(lambda: lookups_agree(cluster.nodes, keys), 10.0, "routing to converge")
+    victim = cluster.nodes.pop()
+    victim_id = victim.overlay.node_id
+    # Like SIGKILL: the sockets just close, no goodbye.
+    for link in list(victim.overlay.links.links.values()):
+        link.transport.abortConnection()
+    victim.overlay.pastry = None
+    victim.overlay._timer.stop()
+    await victim.overlay.links.stop()
+    started = reactor.seconds()
+    await wait_for(
+        lambda: all(victim_id not in n.overlay.pastry.peers() for n in cluster.nodes),
+        4.0,
+        "every survivor to notice",
+    )
+    assert reactor.seconds() - started <= 3.5  # 3 s bound, plus polling and scheduling slack
+    # The keys it owned (its own id among them) now belong to a survivor.
+    await eventually(
+        lambda: lookups_agree(cluster.nodes, [*keys, victim_id]), 3.0, "routing around it"
+    )
+    await victim.stop()

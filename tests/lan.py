@@ -170,9 +170,9 @@ def netns_socket(name: str, family: int, kind: int, proto: int = 0) -> socket.so
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the thread that started it ends
-    (so when the test process dies), so a crashed run cannot leave nodes running (namespaces of a crashed run must still be
-    deleted by hand: ``ip netns list | grep irl-PID``)."""
+    """In the child before exec: SIGKILL it when the thread that started it ends,
+    and so when the test process dies: a crashed run leaves no node running. (Its
+    namespaces stay; delete them by hand: ``ip netns list | grep irl-PID``.)"""
     PR_SET_PDEATHSIG = 1
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -193,7 +193,6 @@ class Process:
         command: Sequence[str],
         *,
         cwd: Path = ROOT,
-        env: dict[str, str] | None = None,
     ) -> None:
         self.netns = netns
         self.command = list(command)
@@ -207,7 +206,6 @@ class Process:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=env,
             preexec_fn=_die_with_parent,
         )
         self.pid = self.popen.pid
@@ -302,9 +300,8 @@ class Node(Process):
         command: Sequence[str],
         relay_port: int,
         link_port: int,
-        env: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(netns, command, env=env)
+        super().__init__(netns, command)
         self.index = index
         self.relay_port = relay_port
         self.link_port = link_port
@@ -538,7 +535,6 @@ class Lan:
         discovery_port: int | None = None,
         log_level: str = "info",
         python: str = sys.executable,
-        env: dict[str, str] | None = None,
     ) -> None:
         if not 1 <= size <= 250:
             raise ValueError(f"1 to 250 namespaces, not {size}")
@@ -551,8 +547,6 @@ class Lan:
         self.discovery_port = discovery_port
         self.log_level = log_level
         self.python = python
-        self.env = env
-        """The environment of node processes (None: this process's)."""
         self.switch = f"{prefix}-sw"
         self.namespaces = [f"{prefix}-n{i}" for i in range(size)]
         self.processes: list[Process] = []
@@ -745,13 +739,15 @@ class Lan:
         key: Path | None = None,
         network: str | None = None,
         seeds: Sequence[str] = (),
+        state_dir: Path | None = None,
     ) -> Node:
-        """``irisnode --net ... --key ...`` in namespace ``i`` (own state directory,
-        JSON logs); ``args`` are appended as they are."""
+        """``irisnode --net ... --key ...`` in namespace ``i`` with JSON logs; ``args``
+        are appended as they are. The identity is kept in ``state_dir`` (default
+        ``tmp/state-I``: a restarted node keeps its node id)."""
         running = self.nodes.get(i)
         if running is not None and running.alive:
             raise LanError(f"node {i} is already running (pid {running.pid})")
-        state = self.tmp / f"state-{i}"
+        state = state_dir or self.tmp / f"state-{i}"
         argv = [
             "--net",
             network or self.network,
@@ -773,7 +769,7 @@ class Lan:
         for seed in seeds:
             argv += ["--seed", seed]
         command = [self.python, "-m", "irisnode", *argv, *args]
-        node = Node(i, self.namespaces[i], command, self.relay_port, self.link_port, self.env)
+        node = Node(i, self.namespaces[i], command, self.relay_port, self.link_port)
         self.processes.append(node)
         self.nodes[i] = node
         return node

@@ -76,7 +76,7 @@ async def raw_connect(port: int, cluster: str | None = "") -> RawClient:
     """Connect to a node; with a cluster (or "" for a plain client) do the handshake too."""
     client = RawClient()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await connectProtocol(endpoint, client)  # type: ignore[no-untyped-call]
+    await connectProtocol(endpoint, client)
     if cluster is not None:
         client.send(codec.Init(cluster))
         assert await client.next() == codec.Accepted()

@@ -29,11 +29,11 @@ OTHER_NET = NetworkKey("away", bytes(range(1, 33)))
 
 
 def memory_reactor() -> Any:
-    return MemoryReactorClock()  # type: ignore[no-untyped-call]
+    return MemoryReactorClock()
 
 
 def string_transport() -> Any:
-    return StringTransport()  # type: ignore[no-untyped-call]
+    return StringTransport()
 
 
 def attach(link: Link) -> Any:
@@ -44,11 +44,11 @@ def attach(link: Link) -> Any:
 
 
 def lost() -> Failure:
-    return Failure(ConnectionDone())  # type: ignore[no-untyped-call]
+    return Failure(ConnectionDone())
 
 
 def refused() -> Failure:
-    return Failure(ConnectionRefusedError())  # type: ignore[no-untyped-call]
+    return Failure(ConnectionRefusedError())
 
 
 def port_of(listening: IListeningPort) -> int:

@@ -24,7 +24,7 @@ def test_after_io_calls_run_after_the_turns_reads_and_before_blocking() -> None:
                 reactor.call_after_io(lambda: order.append("after io 2"))
 
         reader = Reader(reactor)
-        reactor.addReader(reader)  # type: ignore[no-untyped-call]
+        reactor.addReader(reader)
         right.send(b"x")
         reactor.doPoll(1.0)
         assert order == ["read b'x'", "after io", "after io 2"]
@@ -33,7 +33,7 @@ def test_after_io_calls_run_after_the_turns_reads_and_before_blocking() -> None:
         reactor.call_after_io(lambda: order.append("from a timer"))
         reactor.doPoll(0)
         assert order[-1] == "from a timer"
-        reactor.removeReader(reader)  # type: ignore[no-untyped-call]
+        reactor.removeReader(reader)
     finally:
         left.close()
         right.close()

@@ -53,12 +53,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from overlay.ids import closest
+from overlay.pastry import PastryConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGE = "irbr0"
 NODE_IF = "irv0"
 """The node's end of its veth pair, inside its namespace (the same name in each)."""
 
+WHOLE_LEAF_SET = 2 * PastryConfig().leaf_half
+"""Peers a leaf set holds (both sides): a LAN of up to this many + 1 nodes is all in each."""
 READY = re.compile(r"ready: relay on 127\.0\.0\.1:(\d+)")
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
@@ -875,11 +878,13 @@ class Lan:
     ) -> Convergence:
         """Poll until the nodes ``indices`` have converged, or AssertionError.
 
-        Converged: every node's leaf set holds exactly the other nodes and has a
-        link up to each, and every node routes every key in ``keys`` to the same
-        node, the one closest to the key (ring distance, :func:`overlay.ids.closest`)
-        among ``indices``. :attr:`Convergence.at` is when the statuses first showed
-        that (the lookups then confirm it, so it is not an underestimate).
+        Converged: every node routes every key in ``keys`` to the same node, the
+        one closest to the key (ring distance, :func:`overlay.ids.closest`) among
+        ``indices``; and, on a LAN small enough that every leaf set can hold all
+        the others (up to :data:`WHOLE_LEAF_SET` + 1 nodes), every node's leaf set
+        is exactly the other nodes, each with a link up. :attr:`Convergence.at` is
+        when the statuses first showed that (the lookups then confirm it, so it
+        is not an underestimate).
         """
         deadline = time.monotonic() + timeout
         last: object = "no status yet"
@@ -893,14 +898,14 @@ class Lan:
             at = time.monotonic()
             if states:
                 ids = {i: own_id(state) for i, state in states.items()}
-                wrong = {
-                    i: sorted(leaf_set(state) ^ (set(ids.values()) - {ids[i]}))
-                    for i, state in states.items()
-                    if leaf_set(state) != set(ids.values()) - {ids[i]}
-                    or not set(ids.values()) - {ids[i]} <= peers_up(state)
-                }
+                wrong = {}
+                if len(ids) - 1 <= WHOLE_LEAF_SET:
+                    for i, state in states.items():
+                        others = set(ids.values()) - {ids[i]}
+                        if leaf_set(state) != others or not others <= peers_up(state):
+                            wrong[i] = sorted(f"{x:032x}"[:8] for x in leaf_set(state) ^ others)
                 if wrong:
-                    last = f"leaf sets / links differ: {wrong}"
+                    last = f"leaf sets or links differ (node: ids off by): {wrong}"
                 else:
                     owners = [closest(key, ids.values()) for key in keys]
                     remaining = max(0.5, min(2.0, deadline - time.monotonic()))

@@ -192,10 +192,11 @@ def test_five_nodes_discover_each_other_and_converge(make_lan: Callable[..., Lan
     assert result.returncode == 0 and int(result.stdout, 16) == converged.owners[0]
 
 
-def test_a_node_with_another_key_is_refused_by_all(make_lan: Callable[..., Lan]) -> None:
-    """Same network name, different key. Its beacons do not open for the others
-    (nor theirs for it), so each side is pointed at the other with ``--seed``: the
-    legitimate nodes dial it, see its certificate, and refuse it."""
+@pytest.mark.parametrize("name", ["same name", "another name"])
+def test_a_node_with_another_key_is_refused_by_all(name: str, make_lan: Callable[..., Lan]) -> None:
+    """A different key, under the same or another network name. Its beacons do not
+    open for the others (nor theirs for it), so each side is pointed at the other
+    with ``--seed``: the legitimate nodes dial it, see its certificate, refuse it."""
     lan = make_lan(6)
     intruder = 5
     intruder_link = f"{lan.address(intruder)}:{lan.link_port}"
@@ -203,8 +204,12 @@ def test_a_node_with_another_key_is_refused_by_all(make_lan: Callable[..., Lan])
     lan.start_agents()
     for i in legit:
         lan.start_node(i, seeds=[intruder_link])
+    network = lan.network if name == "same name" else "another-network"
     lan.start_node(
-        intruder, key=lan.keygen(), seeds=[f"{lan.address(i)}:{lan.link_port}" for i in legit]
+        intruder,
+        key=lan.keygen(network),
+        network=network,
+        seeds=[f"{lan.address(i)}:{lan.link_port}" for i in legit],
     )
     lan.wait_all_ready()
     ids = lan.wait_converged(legit, random_keys(20), CONVERGE_DEADLINE).node_ids

@@ -77,6 +77,17 @@ class LinkHandler(TypingProtocol):
     def link_lost(self, link: Link, reason: str) -> None: ...
 
 
+def describe_address(address: IAddress | None) -> str:
+    """``host:port`` (``[v6]:port``) for logs, with IPv4-mapped IPv6 shown as plain IPv4."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return "unknown"
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def format_node_id(node_id: int | None) -> str:
     return "-" if node_id is None else f"{node_id:032x}"
 
@@ -223,7 +234,7 @@ class Link(Protocol):
                 "link lost: {reason} peer={peer_id} address={address} role={role}",
                 reason=str(Reason.CONNECTION_LOST),
                 peer_id=format_node_id(self.peer_node_id),
-                address=str(self.address),
+                address=describe_address(self.address),
                 role=self.role.value,
             )
             self.service._link_closed(self, Reason.CONNECTION_LOST)
@@ -245,7 +256,7 @@ class Link(Protocol):
                 _log.info(
                     "link established: peer={peer_id} address={address} role={role}",
                     peer_id=format_node_id(effect.peer_node_id),
-                    address=str(self.address),
+                    address=describe_address(self.address),
                     role=self.role.value,
                 )
                 self.service._link_established(self)
@@ -267,7 +278,7 @@ class Link(Protocol):
             reason=str(reason),
             detail=detail,
             peer_id=format_node_id(self.peer_node_id),
-            address=str(self.address),
+            address=describe_address(self.address),
             role=self.role.value,
         )
         if self.transport is not None:

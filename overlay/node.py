@@ -38,7 +38,7 @@ from overlay import wire
 from overlay.discovery import PeerForgotten, PeerSeen, SeedCandidate
 from overlay.identity import Credentials, NetworkKey
 from overlay.ids import format_id
-from overlay.link_twisted import Link, LinkService
+from overlay.link_twisted import Link, LinkService, describe_address
 from overlay.pastry import (
     Deliver,
     Dropped,
@@ -403,7 +403,7 @@ class OverlayNode:
                     "node_id": format_id(peer_id),
                     "address": address.decode("ascii", "replace") if address else None,
                     "link": "up" if link is not None else "down",
-                    "remote": _describe(link.address) if link is not None else None,
+                    "remote": describe_address(link.address) if link is not None else None,
                     "leaf": peer_id in left or peer_id in right,
                 }
             )
@@ -434,9 +434,3 @@ class OverlayNode:
             "peers_heard": len(core.peers),
             **dataclasses.asdict(core.stats),
         }
-
-
-def _describe(address: object) -> str | None:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    return None if host is None else f"{host}:{port}"

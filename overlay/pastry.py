@@ -271,6 +271,7 @@ Effect = Send | Deliver | Intercept | Dropped | PeerDead | Ready
 
 _ID_SPACE = ID_SPACE
 _HALF = ID_SPACE >> 1
+_DIGIT_MASK = BASE - 1
 _NO_LIMIT = ID_SPACE
 """A side with room accepts any distance (every distance is below the ring size)."""
 
@@ -451,22 +452,27 @@ class RoutingTable:
         return {r: self.row(r) for r in sorted(self._rows) if self.row(r)}
 
     def accepts(self, node_id: int) -> bool:
-        """Is the slot for ``node_id`` empty, or held by a node farther from its target?"""
+        """Is the slot for ``node_id`` empty, or held by a node farther from its target?
+
+        (:func:`shared_prefix_digits` and :func:`digit` inlined: this runs for
+        every message from a stranger.)
+        """
         own = self.own
-        if node_id == own:
+        differing = own ^ node_id
+        if not differing:
             return False
-        row = shared_prefix_digits(own, node_id)
+        row = (ID_BITS - differing.bit_length()) // DIGIT_BITS
         cells = self._rows.get(row)
         if cells is None:
             return True
-        column = digit(node_id, row)
+        shift = ID_BITS - DIGIT_BITS * (row + 1)
+        column = (node_id >> shift) & _DIGIT_MASK
         holder = cells[column]
         if holder is None:
             return True
         if holder == node_id:
             return False
-        shift = ID_BITS - DIGIT_BITS * (row + 1)
-        target = own ^ ((digit(own, row) ^ column) << shift)
+        target = own ^ ((((own >> shift) & _DIGIT_MASK) ^ column) << shift)
         return closer(target, node_id, holder)
 
     def is_empty_for(self, node_id: int) -> bool:
@@ -556,6 +562,7 @@ class PastryNode:
         """Recently lost or silent ids -> until when hints naming them are ignored."""
         self._leaf_version = 0
         self._leaf_refs_cache: tuple[NodeRef, ...] | None = None
+        self._beats: tuple[Heartbeat, Heartbeat] | None = None
         self._state: _State = "new"
         self._bootstrap: list[NodeRef] = []
         self._join_attempts = 0
@@ -591,13 +598,13 @@ class PastryNode:
         if self._state == "new" or self._state == "left":
             return []
         peer = self._peers.get(src_id)
+        if type(message) is Heartbeat:  # most traffic: one lookup, no detours
+            return self._on_heartbeat(src_id, peer, message, now)
         if peer is not None:
             peer.last_heard = now  # any message at all shows the peer is alive
             peer.suspect = False
         effects: list[Effect] = []
-        if isinstance(message, Heartbeat):
-            self._on_heartbeat(src_id, message, now, effects)
-        elif isinstance(message, Route):
+        if isinstance(message, Route):
             self._route(message, now, effects, originated=False)
         elif isinstance(message, LeafSetRequest):
             self._learn(src_id, message.address, now, effects)
@@ -909,12 +916,17 @@ class PastryNode:
                 self._forget(gone, effects)
 
     def _forget(self, node_id: int, effects: list[Effect]) -> None:
-        """Drop a live node that no longer fits anywhere, and tell it we stop watching it."""
+        """Drop a live node that no longer fits anywhere.
+
+        If it watches us it relies on our heartbeats, which stop now: tell it, so
+        that it starts asking for answers at once instead of after a silence.
+        """
         if node_id in self._leaf or node_id in self._table:
             return
         peer = self._peers.pop(node_id)
-        unwatch = Heartbeat(self.address, self._leaf_version, False, False)
-        effects.append(Send(node_id, peer.address, unwatch))
+        if peer.watches_us:
+            unwatch = Heartbeat(self.address, self._leaf_version, False, False)
+            effects.append(Send(node_id, peer.address, unwatch))
 
     def _hints(self, refs: Iterable[NodeRef], now: float, effects: list[Effect]) -> None:
         """Second-hand refs: probe those that would improve our state."""
@@ -952,29 +964,36 @@ class PastryNode:
         """Neighbours learn of any change through the version in our heartbeats."""
         self._leaf_version = (self._leaf_version + 1) & 0xFFFFFFFF
         self._leaf_refs_cache = None
+        self._beats = None
 
     # ----------------------------------------------------------------------------
     # Liveness and repair
 
     def _on_heartbeat(
-        self, src_id: int, message: Heartbeat, now: float, effects: list[Effect]
-    ) -> None:
-        known = src_id in self._peers
-        peer = self._learn(src_id, message.address, now, effects, greet=False)
-        if peer is None:
-            if message.want_reply:
-                reply = Heartbeat(self.address, self._leaf_version, False, False)
-                effects.append(Send(src_id, message.address, reply))
-            return
-        # Ask for an answer at once if we just admitted the sender (the greeting
-        # _learn would otherwise send), or if it stopped watching us: its own
-        # heartbeats stop now, and waiting for our next round would add that
-        # wait to the round trip before we hear from it again.
-        ask = not known or (peer.watches_us and not message.watching)
+        self, src_id: int, peer: _Peer | None, message: Heartbeat, now: float
+    ) -> list[Effect]:
+        effects: list[Effect] = []
+        if peer is not None:
+            peer.last_heard = now
+            peer.suspect = False
+            if peer.address != message.address:
+                self._learn(src_id, message.address, now, effects)
+            # If it stopped watching us, its own heartbeats stop now: ask for an
+            # answer at once rather than after a silence.
+            ask = peer.watches_us and not message.watching
+        else:
+            peer = self._learn(src_id, message.address, now, effects, greet=False)
+            if peer is None:
+                if message.want_reply:
+                    reply = Heartbeat(self.address, self._leaf_version, False, False)
+                    effects.append(Send(src_id, message.address, reply))
+                return effects
+            ask = True  # just admitted: our answer doubles as the greeting
         peer.watches_us = message.watching
+        peer.advertised_version = message.leaf_version
         if message.want_reply or ask:
             effects.append(Send(src_id, message.address, self._beat(ask)))
-        peer.advertised_version = message.leaf_version
+        return effects
 
     def _heartbeat(self, now: float, probe_round: bool, effects: list[Effect]) -> None:
         """Heartbeats to the leaf set every round, to table entries every probe round.
@@ -1009,7 +1028,15 @@ class PastryNode:
             self._ask_leaf_set(nearest, now, effects)
 
     def _beat(self, want_reply: bool) -> Heartbeat:
-        return Heartbeat(self.address, self._leaf_version, True, want_reply)
+        """Our heartbeat as a watcher (messages are immutable: two per leaf version)."""
+        beats = self._beats
+        if beats is None:
+            version = self._leaf_version
+            beats = self._beats = (
+                Heartbeat(self.address, version, True, False),
+                Heartbeat(self.address, version, True, True),
+            )
+        return beats[want_reply]
 
     def _scan(self, now: float, effects: list[Effect]) -> None:
         """Mark silent peers suspect, declare the long-silent dead, expire old records."""

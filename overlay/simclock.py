@@ -20,13 +20,17 @@ _COMPACT_MIN = 1024
 class Timer:
     """A scheduled call; pass it to :meth:`HeapClock.cancel` to revoke it."""
 
-    __slots__ = ("args", "cancelled", "fn", "when")
+    __slots__ = ("cancelled", "when")
 
-    def __init__(self, when: float, fn: Callable[..., object], args: tuple[object, ...]) -> None:
+    def __init__(self, when: float) -> None:
         self.when = when
-        self.fn = fn
-        self.args = args
         self.cancelled = False
+
+
+_Entry = tuple[float, int, Callable[..., object], tuple[object, ...], Timer | None]
+"""(time, sequence, function, arguments, timer): the sequence breaks ties, so the
+comparison never reaches the function; the timer is None for calls that cannot
+be cancelled."""
 
 
 class HeapClock:
@@ -35,7 +39,7 @@ class HeapClock:
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
         """The current time (read it, never set it: use the run methods)."""
-        self._heap: list[tuple[float, int, Timer]] = []
+        self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._cancelled = 0
 
@@ -47,12 +51,19 @@ class HeapClock:
         """Run ``fn(*args)`` at ``when`` (now, if that has passed)."""
         if when < self.now:
             when = self.now
-        timer = Timer(when, fn, args)
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        timer = Timer(when)
+        heapq.heappush(self._heap, (when, next(self._seq), fn, args, timer))
         return timer
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> Timer:
         return self.call_at(self.now + delay, fn, *args)
+
+    def post_at(self, when: float, fn: Callable[..., object], *args: object) -> None:
+        """:meth:`call_at` for a call that will never be cancelled (a message in
+        flight): no :class:`Timer` to allocate, which matters at millions of calls."""
+        if when < self.now:
+            when = self.now
+        heapq.heappush(self._heap, (when, next(self._seq), fn, args, None))
 
     def cancel(self, timer: Timer) -> None:
         if timer.cancelled:
@@ -60,7 +71,7 @@ class HeapClock:
         timer.cancelled = True
         self._cancelled += 1
         if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(self._heap):
-            self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+            self._heap = [e for e in self._heap if e[4] is None or not e[4].cancelled]
             heapq.heapify(self._heap)
             self._cancelled = 0
 
@@ -78,24 +89,27 @@ class HeapClock:
         self._skip_cancelled()
         if not self._heap:
             return False
-        when, _, timer = heapq.heappop(self._heap)
+        when, _, fn, args, timer = heapq.heappop(self._heap)
         self.now = when
-        timer.cancelled = True  # it has run: cancelling it now is a no-op
-        timer.fn(*timer.args)
+        if timer is not None:
+            timer.cancelled = True  # it has run: cancelling it now is a no-op
+        fn(*args)
         return True
 
     def run_until(self, when: float) -> int:
         """Run every call due up to and including ``when``, then set the time to ``when``."""
         heap = self._heap
+        pop = heapq.heappop
         ran = 0
         while heap and heap[0][0] <= when:
-            _, _, timer = heapq.heappop(heap)
-            if timer.cancelled:
-                self._cancelled -= 1
-                continue
-            self.now = timer.when
-            timer.cancelled = True
-            timer.fn(*timer.args)
+            at, _, fn, args, timer = pop(heap)
+            if timer is not None:
+                if timer.cancelled:
+                    self._cancelled -= 1
+                    continue
+                timer.cancelled = True
+            self.now = at
+            fn(*args)
             ran += 1
         if when > self.now:
             self.now = when
@@ -107,6 +121,9 @@ class HeapClock:
 
     def _skip_cancelled(self) -> None:
         heap = self._heap
-        while heap and heap[0][2].cancelled:
+        while heap:
+            timer = heap[0][4]
+            if timer is None or not timer.cancelled:
+                return
             heapq.heappop(heap)
             self._cancelled -= 1

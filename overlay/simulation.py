@@ -271,25 +271,38 @@ class SimNetwork:
     # The network itself
 
     def _dispatch(self, node_id: int, node: _SimNode, effects: Sequence[object]) -> None:
-        now = self.clock.now
-        for effect in effects:
-            if type(effect) is Send:
-                self._send(node_id, node, effect)
-            else:
-                self.events.append((now, node_id, effect))
-                if type(effect) is Ready and node_id not in self._ready_set and node.alive:
-                    self._ready_set.add(node_id)
-                    self._ready.append(node_id)
-        self._arm(node_id, node)
+        if effects:
+            now = self.clock.now
+            for effect in effects:
+                if type(effect) is Send:
+                    self._send(node_id, node, effect)
+                else:
+                    self.events.append((now, node_id, effect))
+                    if type(effect) is Ready and node_id not in self._ready_set and node.alive:
+                        self._ready_set.add(node_id)
+                        self._ready.append(node_id)
+        # Keep one timer per node at its core's earliest deadline. A later deadline
+        # leaves the timer alone: _fire re-reads the deadline.
+        deadline = node.core.next_deadline()
+        if deadline is None:
+            if node.timer is not None:
+                self.clock.cancel(node.timer)
+                node.timer = None
+            node.timer_at = math.inf
+        elif deadline < node.timer_at:
+            if node.timer is not None:
+                self.clock.cancel(node.timer)
+            node.timer = self.clock.call_at(deadline, self._fire, node_id)
+            node.timer_at = deadline
 
     def _send(self, src: int, node: _SimNode, effect: Send) -> None:
         self.messages_sent += 1
-        dst_id = effect.dst_id
-        dst = self.nodes.get(dst_id)
+        dst = self.nodes.get(effect.dst_id)
         if dst is None or effect.dst_address != dst.address:
-            raise SimulationError(f"send to an unknown id or a wrong address: {dst_id:032x}")
+            raise SimulationError(f"send to an unknown id or a wrong address: {effect.dst_id:032x}")
+        clock = self.clock
         if self.trace is not None:
-            self.trace.append((self.clock.now, src, dst_id, type(effect.message).__name__))
+            self.trace.append((clock.now, src, effect.dst_id, type(effect.message).__name__))
         random = self._net_rng.random
         if (
             not dst.alive
@@ -305,32 +318,18 @@ class SimNetwork:
                 if extra is not None:
                     delay += extra[0] + (extra[1] - extra[0]) * random()
         message = wire.encode(effect.message) if self.codec else effect.message
-        self.clock.call_at(self.clock.now + delay, self._deliver, src, dst_id, message)
+        clock.post_at(clock.now + delay, self._deliver, src, node, effect.dst_id, dst, message)
 
-    def _deliver(self, src: int, dst_id: int, message: object) -> None:
-        node = self.nodes[dst_id]
-        if not node.alive or (self._partitioned and self.nodes[src].group != node.group):
+    def _deliver(
+        self, src: int, src_node: _SimNode, dst_id: int, node: _SimNode, message: object
+    ) -> None:
+        if not node.alive or (self._partitioned and src_node.group != node.group):
             self.messages_lost += 1
             return
         if self.codec:
             assert isinstance(message, bytes)
             message = wire.decode(message)
         self._dispatch(dst_id, node, node.core.handle(src, message, self.clock.now))
-
-    def _arm(self, node_id: int, node: _SimNode) -> None:
-        """Keep one timer per node at its core's earliest deadline."""
-        deadline = node.core.next_deadline()
-        if deadline is None:
-            if node.timer is not None:
-                self.clock.cancel(node.timer)
-                node.timer = None
-            node.timer_at = math.inf
-        elif deadline < node.timer_at:
-            if node.timer is not None:
-                self.clock.cancel(node.timer)
-            node.timer = self.clock.call_at(deadline, self._fire, node_id)
-            node.timer_at = deadline
-        # A later deadline leaves the timer alone: _fire re-reads the deadline.
 
     def _fire(self, node_id: int) -> None:
         node = self.nodes[node_id]
@@ -341,7 +340,7 @@ class SimNetwork:
         now = self.clock.now
         deadline = node.core.next_deadline()
         if deadline is None or deadline > now:
-            self._arm(node_id, node)
+            self._dispatch(node_id, node, ())
             return
         if node.fired_at == now:
             node.fires += 1

@@ -295,10 +295,10 @@ def test_the_leaf_set_keeps_the_nearest_on_each_side(own: int, ids: list[int], h
     st.integers(0, ID_SPACE - 1),
 )
 def test_a_small_rings_leaf_set_covers_every_key(ids: list[int], key: int) -> None:
-    """Up to 2*half + 1 nodes the sides overlap and the leaf set knows it has everyone.
+    """With at most 2*half nodes the sides overlap and the leaf set knows it has everyone.
 
-    (At exactly 17 it cannot know there is nobody beyond its outermost members, and
-    routing relies on the next hop instead.)
+    (With one more it cannot know there is nobody beyond its outermost members, and
+    routing relies on the next hop's leaf set instead.)
     """
     own, *others = ids
     leaf = LeafSet(own, 8)

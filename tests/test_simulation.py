@@ -28,6 +28,19 @@ def test_calls_run_in_time_order_and_ties_in_scheduling_order() -> None:
     assert ran == ["now", "a", "b", "c"] and clock.seconds() == 2.5
 
 
+def test_posted_calls_interleave_with_cancellable_ones() -> None:
+    clock = HeapClock()
+    ran: list[str] = []
+    clock.post_at(2.0, ran.append, "posted late")
+    timer = clock.call_at(1.0, ran.append, "cancelled")
+    clock.post_at(1.0, ran.append, "posted")
+    clock.call_at(1.5, ran.append, "timer")
+    clock.cancel(timer)
+    assert len(clock) == 3
+    clock.run_until(5.0)
+    assert ran == ["posted", "timer", "posted late"]
+
+
 def test_cancelled_calls_do_not_run() -> None:
     clock = HeapClock()
     ran: list[int] = []

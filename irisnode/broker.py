@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from irisnode import tunnel
 from irisnode.api import DEFAULT_CHUNK_LIMIT, TUNNEL_CONFIRM_SECONDS, Endpoint, TunnelEnd
@@ -33,14 +34,13 @@ _CONGESTION_PENALTY = 1 << 30
 class _Attachment:
     """Broker-side state of one endpoint."""
 
-    __slots__ = ("alive", "cluster", "endpoint", "inflight", "offers", "topics")
+    __slots__ = ("alive", "assigned", "cluster", "endpoint", "topics")
 
     def __init__(self, endpoint: Endpoint, cluster: str) -> None:
         self.endpoint = endpoint
         self.cluster = cluster
         self.alive = True
-        self.inflight: dict[int, _Request] = {}  # requests delivered to this member
-        self.offers: dict[int, _Offer] = {}  # tunnel offers made to this member
+        self.assigned: dict[int, _Request | _Offer] = {}  # unanswered work given to this member
         self.topics: set[str] = set()
 
 
@@ -87,6 +87,9 @@ class _Offer:
         self.done = False
 
 
+_Item = TypeVar("_Item", "_Request", "_Offer")
+
+
 @dataclass
 class _Cluster:
     members: list[_Attachment] = field(default_factory=list)
@@ -110,8 +113,7 @@ class Broker:
         self._attachments: dict[Endpoint, _Attachment] = {}
         self._clusters: dict[str, _Cluster] = {}
         self._topics: dict[str, dict[Endpoint, None]] = {}
-        self._requests: dict[int, _Request] = {}
-        self._offers: dict[int, _Offer] = {}
+        self._pending: dict[int, _Request | _Offer] = {}  # by handle, until answered or expired
         self._deadlines: list[tuple[float, int, _Request | _Offer]] = []
         self._next_handle = 0
         self._finished_early = 0  # finished items still in the deadline heap (roughly)
@@ -141,10 +143,8 @@ class Broker:
             group.members.remove(attachment)
             if not group.members and not group.waiting:
                 del self._clusters[attachment.cluster]
-        for request in list(attachment.inflight.values()):
-            self._time_out(request)
-        for offer in list(attachment.offers.values()):
-            self._fail_offer(offer)
+        for item in list(attachment.assigned.values()):
+            self._expire(item)
         for topic in attachment.topics:
             subscribers = self._topics[topic]
             del subscribers[endpoint]
@@ -175,7 +175,7 @@ class Broker:
         pending = _Request(
             handle, cluster, self._attachments[origin], request_id, request, timeout_ms
         )
-        self._requests[handle] = pending
+        self._pending[handle] = pending
         self._add_deadline(now + timeout_ms / 1000.0, pending)
         group = self._clusters.get(cluster)
         if group is None:
@@ -183,38 +183,45 @@ class Broker:
         self._dispatch(group, pending)
 
     def reply(self, member: Endpoint, handle: int, reply: bytes) -> None:
-        pending = self._answer(member, handle)
+        pending = self._answer(member, handle, _Request)
         if pending is not None:
             self.counters["replies"] += 1
             pending.origin.endpoint.request_replied(pending.request_id, reply)
 
     def fault(self, member: Endpoint, handle: int, fault: str) -> None:
-        pending = self._answer(member, handle)
+        pending = self._answer(member, handle, _Request)
         if pending is not None:
             self.counters["faults"] += 1
             pending.origin.endpoint.request_faulted(pending.request_id, fault)
 
-    def _answer(self, member: Endpoint, handle: int) -> _Request | None:
-        """The live request ``member`` answers, now finished; None for a late or foreign one."""
-        pending = self._requests.get(handle)
-        if pending is None or pending.member is None or pending.member.endpoint is not member:
+    def _answer(self, member: Endpoint, handle: int, kind: type[_Item]) -> _Item | None:
+        """The live item ``member`` answers, now finished; None for a late or foreign one."""
+        pending = self._pending.get(handle)
+        if (
+            not isinstance(pending, kind)
+            or pending.member is None
+            or pending.member.endpoint is not member
+        ):
             self.counters["late"] += 1
             return None
-        del self._requests[handle]
-        del pending.member.inflight[handle]
+        del self._pending[handle]
+        del pending.member.assigned[handle]
         self._finish(pending)
-        if not pending.origin.alive:
-            return None
-        return pending
+        return pending if pending.origin.alive else None
 
-    def _time_out(self, pending: _Request) -> None:
-        self._finish(pending)
-        self._requests.pop(pending.handle, None)
-        if pending.member is not None:
-            pending.member.inflight.pop(pending.handle, None)
-        if pending.origin.alive:
+    def _expire(self, item: _Request | _Offer) -> None:
+        """No answer in time, or none will come: the origin hears it now."""
+        self._finish(item)
+        self._pending.pop(item.handle, None)
+        if item.member is not None:
+            item.member.assigned.pop(item.handle, None)
+        if not item.origin.alive:
+            return
+        if isinstance(item, _Request):
             self.counters["timeouts"] += 1
-            pending.origin.endpoint.request_timed_out(pending.request_id)
+            item.origin.endpoint.request_timed_out(item.request_id)
+        else:
+            item.origin.endpoint.tunnel_failed(item.tunnel_id)
 
     # -- broadcast and topics -----------------------------------------------------
 
@@ -261,7 +268,7 @@ class Broker:
             origin.tunnel_failed(tunnel_id)
             return
         offer = _Offer(self._new_handle(), cluster, self._attachments[origin], tunnel_id)
-        self._offers[offer.handle] = offer
+        self._pending[offer.handle] = offer
         self._add_deadline(now + min(timeout_ms / 1000.0, self._confirm_seconds), offer)
         group = self._clusters.get(cluster)
         if group is None:
@@ -269,13 +276,8 @@ class Broker:
         self._dispatch(group, offer)
 
     def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
-        pending = self._offers.get(offer)
-        if pending is None or pending.member is None or pending.member.endpoint is not member:
-            return None
-        del self._offers[offer]
-        del pending.member.offers[offer]
-        self._finish(pending)
-        if not pending.origin.alive:
+        pending = self._answer(member, offer, _Offer)
+        if pending is None:
             return None
         origin = pending.origin.endpoint
         near, far = tunnel.connect(origin, pending.tunnel_id, member, tunnel_id)
@@ -283,14 +285,6 @@ class Broker:
         origin.tunnel_allow(pending.tunnel_id, near.window)
         member.tunnel_allow(tunnel_id, far.window)
         return far
-
-    def _fail_offer(self, offer: _Offer) -> None:
-        self._finish(offer)
-        self._offers.pop(offer.handle, None)
-        if offer.member is not None:
-            offer.member.offers.pop(offer.handle, None)
-        if offer.origin.alive:
-            offer.origin.endpoint.tunnel_failed(offer.tunnel_id)
 
     # -- dispatch and time -----------------------------------------------------------
 
@@ -306,22 +300,21 @@ class Broker:
         else:
             group.turn = start = (group.turn + 1) % count
             member = members[start]
-            best = len(member.inflight) + (_CONGESTION_PENALTY if member.endpoint.congested else 0)
+            best = len(member.assigned) + (_CONGESTION_PENALTY if member.endpoint.congested else 0)
             for step in range(1, count):
                 if best == 0:
                     break
                 candidate = members[(start + step) % count]
-                load = len(candidate.inflight)
+                load = len(candidate.assigned)
                 if candidate.endpoint.congested:
                     load += _CONGESTION_PENALTY
                 if load < best:
                     member, best = candidate, load
         item.member = member
+        member.assigned[item.handle] = item
         if isinstance(item, _Request):
-            member.inflight[item.handle] = item
             member.endpoint.deliver_request(item.handle, item.payload, item.timeout_ms)
         else:
-            member.offers[item.handle] = item
             member.endpoint.offer_tunnel(item.handle, self._chunk_limit)
 
     def _new_handle(self) -> int:
@@ -364,20 +357,12 @@ class Broker:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             _, _, item = heapq.heappop(heap)
-            if item.done:
-                continue
-            if isinstance(item, _Request):
-                self._time_out(item)
-            else:
-                self._fail_offer(item)
+            if not item.done:
+                self._expire(item)
 
     def shut_down(self) -> None:
         """Give every pending request and tunnel offer its outcome now: the node is going away."""
         for _, _, item in sorted(self._deadlines):
-            if item.done:
-                continue
-            if isinstance(item, _Request):
-                self._time_out(item)
-            else:
-                self._fail_offer(item)
+            if not item.done:
+                self._expire(item)
         self._deadlines.clear()

@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 .PHONY: run test lint typecheck unit bench clean
 
 run: $(VENV)/.installed
+	@# Bytecode for our own modules, even where PYTHONDONTWRITEBYTECODE is set: it halves start-up.
+	@$(BIN)/python -m compileall -q irisnode overlay relay
 	$(BIN)/irisnode $(ARGS)
 
 test: $(VENV)/.installed-test lint typecheck
@@ -22,6 +24,7 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed
+	@$(BIN)/python -m compileall -q irisnode overlay relay
 	$(BIN)/python -m bench $(ARGS)
 
 $(VENV)/.created:

@@ -35,25 +35,14 @@ def _reachable_hosts(interfaces: tuple[Any, ...]) -> tuple[str, ...]:
 
 
 def start_overlay(
-    reactor: Any, network: NetworkConfig | None, *, rng: random.Random, entropy: Entropy
+    reactor: Any, network: NetworkConfig, *, rng: random.Random, entropy: Entropy
 ) -> OverlayNode:
-    """Start the overlay described by ``network`` (None: developer mode) and return it.
+    """Start the overlay described by ``network`` and return it.
 
     Raises :class:`~overlay.identity.CredentialError`,
     :class:`~overlay.interfaces.InterfaceSelectionError` or a listening error with a
     message fit for the user.
     """
-    if network is None:
-        # Developer mode: a network of one that nobody else can join, on loopback.
-        key = NetworkKey.ephemeral(entropy)
-        identity = NodeIdentity.generate(entropy)
-        config = OverlayConfig(link_port=0, link_interface="127.0.0.1")
-        node = OverlayNode(
-            reactor, key, Credentials.for_network(key, identity), config, rng=rng, entropy=entropy
-        )
-        node.start()
-        return node
-
     key = NetworkKey.load(network.key_file, expected_name=network.name)
     if network.state_dir is not None:
         identity = NodeIdentity.load_or_create(network.state_dir, entropy)

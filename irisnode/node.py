@@ -61,9 +61,7 @@ class NodeConfig:
     relay_port: int = DEFAULT_RELAY_PORT
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     network: NetworkConfig | None = None
-    """None: developer mode, a one-node overlay of a fresh random network on loopback."""
-    overlay: bool = True
-    """False: no overlay at all (a pure single-node broker)."""
+    """None: developer mode, one node on its own with no overlay and no traffic off loopback."""
 
 
 class Node:
@@ -107,13 +105,12 @@ class Node:
         self.broker.attach(
             system.SystemService(self.broker, self.reactor, self._lookup_request), system.LOOKUP
         )
-        if self.config.overlay:
-            self.reactor.callLater(0, self._start_overlay)
+        if self.config.network is not None:
+            self.reactor.callLater(0, self._start_overlay, self.config.network)
 
-    def _start_overlay(self) -> None:
+    def _start_overlay(self, network: NetworkConfig) -> None:
         from irisnode.network import start_overlay  # heavy imports: after the relay is up
 
-        network = self.config.network
         try:
             self.overlay = start_overlay(self.reactor, network, rng=self.rng, entropy=self.entropy)
         except Exception as error:
@@ -123,7 +120,7 @@ class Node:
                 self.on_failure(error)
             return
         overlay = self.overlay
-        (log.info if network is not None else log.debug)(
+        log.info(
             "overlay started: node {node_id} in network {network}, links on port {link_port}",
             node_id=f"{overlay.node_id:032x}",
             network=overlay.network.name,
@@ -137,7 +134,7 @@ class Node:
         from overlay.ids import format_id, parse_id
 
         if self.overlay is None:
-            raise RuntimeError("the overlay is not running")
+            raise RuntimeError("no overlay: this node runs in developer mode (see --net, --key)")
         owner = await self.overlay.lookup(parse_id(request.decode("ascii", "replace").strip()))
         return format_id(owner).encode()
 

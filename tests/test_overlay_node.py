@@ -109,7 +109,9 @@ async def test_nodes_join_through_a_seed_and_route_every_key_to_its_owner(
 async def test_status_and_lookup_over_the_relay(cluster: Cluster) -> None:
     first = await cluster.start()
     second = await cluster.start(seed=first)
-    await wait_for(lambda: len(first.overlay.links.links) == 1, 5.0, "a link")
+    await wait_for(
+        lambda: second.overlay.node_id in first.overlay.pastry.peers(), 5.0, "first to know second"
+    )
     client = await raw_connect(first.relay_port)
     client.send(codec.Request(1, "$node.status", b"", 2000))
     reply = await client.next()

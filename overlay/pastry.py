@@ -516,6 +516,7 @@ class _Peer:
         "address",
         "advertised_version",
         "asked_at",
+        "fresh",
         "last_heard",
         "pulled_version",
         "suspect",
@@ -525,6 +526,8 @@ class _Peer:
     def __init__(self, address: Address, now: float) -> None:
         self.address = address
         self.last_heard = now
+        self.fresh = True
+        """Just admitted: gets a heartbeat next round even if it is a table entry."""
         self.suspect = False
         self.watches_us = False
         """It said it keeps us in its state, so its own heartbeats will keep coming."""
@@ -601,7 +604,8 @@ class PastryNode:
         if type(message) is Heartbeat:  # most traffic: one lookup, no detours
             return self._on_heartbeat(src_id, peer, message, now)
         if peer is not None:
-            peer.last_heard = now  # any message at all shows the peer is alive
+            if now > peer.last_heard:  # any message shows the peer is alive (keep a grace)
+                peer.last_heard = now
             peer.suspect = False
         effects: list[Effect] = []
         if isinstance(message, Route):
@@ -873,14 +877,15 @@ class PastryNode:
     # Knowledge
 
     def _learn(
-        self, node_id: int, address: Address, now: float, effects: list[Effect], greet: bool = True
+        self, node_id: int, address: Address, now: float, effects: list[Effect]
     ) -> _Peer | None:
         """First-hand contact with ``node_id``: admit it wherever it fits.
 
         Returns its record if it is (now) in the leaf set or routing table. A node
-        just admitted is pinged at once (unless ``greet`` is False because the
-        caller answers it anyway): its first answer must not wait for our next
-        heartbeat round, or a peer with a long round trip would look silent.
+        just admitted gets one heartbeat interval of grace on top of ``dead_after``:
+        its first answer comes back a round trip after our next round (which
+        includes it whatever it is), and a peer with a long round trip must not
+        look silent before that.
         """
         peer = self._peers.get(node_id)
         if peer is not None:
@@ -888,7 +893,8 @@ class PastryNode:
                 peer.address = address
                 if node_id in self._leaf:
                     self._leaf_changed()
-            peer.last_heard = now
+            if now > peer.last_heard:
+                peer.last_heard = now
             peer.suspect = False
             return peer
         if node_id == self.node_id:
@@ -897,10 +903,8 @@ class PastryNode:
         self._probes.pop(node_id, None)
         if not (self._leaf.accepts(node_id) or self._table.accepts(node_id)):
             return None
-        peer = self._peers[node_id] = _Peer(address, now)
+        peer = self._peers[node_id] = _Peer(address, now + self.config.heartbeat_interval)
         self._place(node_id, effects)
-        if greet and node_id in self._peers:
-            effects.append(Send(node_id, address, self._beat(True)))
         return peer
 
     def _place(self, node_id: int, effects: list[Effect]) -> None:
@@ -918,15 +922,15 @@ class PastryNode:
     def _forget(self, node_id: int, effects: list[Effect]) -> None:
         """Drop a live node that no longer fits anywhere.
 
-        If it watches us it relies on our heartbeats, which stop now: tell it, so
-        that it starts asking for answers at once instead of after a silence.
+        It may rely on our heartbeats, which stop now: tell it, so that it starts
+        asking for answers at once instead of after a silence. (Whether it watches
+        us is no guide: what it believes is what we last told it.)
         """
         if node_id in self._leaf or node_id in self._table:
             return
         peer = self._peers.pop(node_id)
-        if peer.watches_us:
-            unwatch = Heartbeat(self.address, self._leaf_version, False, False)
-            effects.append(Send(node_id, peer.address, unwatch))
+        unwatch = Heartbeat(self.address, self._leaf_version, False, False)
+        effects.append(Send(node_id, peer.address, unwatch))
 
     def _hints(self, refs: Iterable[NodeRef], now: float, effects: list[Effect]) -> None:
         """Second-hand refs: probe those that would improve our state."""
@@ -974,7 +978,8 @@ class PastryNode:
     ) -> list[Effect]:
         effects: list[Effect] = []
         if peer is not None:
-            peer.last_heard = now
+            if now > peer.last_heard:
+                peer.last_heard = now
             peer.suspect = False
             if peer.address != message.address:
                 self._learn(src_id, message.address, now, effects)
@@ -982,13 +987,13 @@ class PastryNode:
             # answer at once rather than after a silence.
             ask = peer.watches_us and not message.watching
         else:
-            peer = self._learn(src_id, message.address, now, effects, greet=False)
+            peer = self._learn(src_id, message.address, now, effects)
             if peer is None:
                 if message.want_reply:
                     reply = Heartbeat(self.address, self._leaf_version, False, False)
                     effects.append(Send(src_id, message.address, reply))
                 return effects
-            ask = True  # just admitted: our answer doubles as the greeting
+            ask = False
         peer.watches_us = message.watching
         peer.advertised_version = message.leaf_version
         if message.want_reply or ask:
@@ -1013,9 +1018,10 @@ class PastryNode:
         retry = now - self.config.request_interval
         for p, peer in self._peers.items():
             in_leaf = p in leaf
-            if probe_round or peer.suspect or in_leaf:
+            if probe_round or peer.suspect or in_leaf or peer.fresh:
                 wanted = peer.suspect or not peer.watches_us
                 effects.append(Send(p, peer.address, ping if wanted else beat))
+                peer.fresh = False
             if (
                 in_leaf
                 and peer.advertised_version != peer.pulled_version

@@ -8,9 +8,10 @@ records every other effect in :attr:`SimNetwork.events`. Nodes can be killed
 silently (like SIGKILL), made slow, or partitioned.
 
 Everything random comes from the seed, so a run is reproducible event for event.
-Messages between two nodes may be reordered (the latency of each is drawn on its
-own), which is harsher than TCP on purpose. With ``codec=True`` every message
-goes through :mod:`overlay.wire` on its way, as it would on a real link.
+Messages from one node to another arrive in the order they were sent, as on the
+TCP links they model (each still draws its own latency, but never overtakes the
+previous one); ``fifo=False`` lets them overtake. With ``codec=True`` every
+message goes through :mod:`overlay.wire` on its way, as on a real link.
 
 Any core with the same effect style runs here: it needs ``start``, ``handle``,
 ``on_timer`` and ``next_deadline`` (:class:`SimCore`). The Pastry helpers
@@ -71,6 +72,7 @@ class _SimNode:
         "fired_at",
         "fires",
         "group",
+        "in_flight",
         "started",
         "timer",
         "timer_at",
@@ -87,6 +89,8 @@ class _SimNode:
         self.group = 0
         self.fired_at = -1.0
         self.fires = 0
+        self.in_flight: dict[int, float] = {}
+        """Per destination, when the last message sent there arrives (links are FIFO)."""
 
 
 def _as_pastry(core: SimCore) -> PastryNode:
@@ -108,6 +112,7 @@ class SimNetwork:
         latency: tuple[float, float] = (0.001, 0.01),
         loss: float = 0.0,
         codec: bool = False,
+        fifo: bool = True,
         config: PastryConfig | None = None,
         factory: CoreFactory | None = None,
         pastry_of: Callable[[SimCore], PastryNode] = _as_pastry,
@@ -120,6 +125,7 @@ class SimNetwork:
         self.latency = latency
         self.loss = loss
         self.codec = codec
+        self.fifo = fifo
         self.config = config if config is not None else PastryConfig()
         self._factory: CoreFactory = factory if factory is not None else self._make_pastry
         self._pastry_of = pastry_of
@@ -317,8 +323,15 @@ class SimNetwork:
             for extra in (node.delay, dst.delay):
                 if extra is not None:
                     delay += extra[0] + (extra[1] - extra[0]) * random()
+        at = clock.now + delay
+        if self.fifo:
+            in_flight = node.in_flight
+            last = in_flight.get(effect.dst_id)
+            if last is not None and at < last:
+                at = last  # behind the previous message: links are streams
+            in_flight[effect.dst_id] = at
         message = wire.encode(effect.message) if self.codec else effect.message
-        clock.post_at(clock.now + delay, self._deliver, src, node, effect.dst_id, dst, message)
+        clock.post_at(at, self._deliver, src, node, effect.dst_id, dst, message)
 
     def _deliver(
         self, src: int, src_node: _SimNode, dst_id: int, node: _SimNode, message: object

@@ -120,6 +120,30 @@ def test_joining_sends_join_to_the_bootstrap_and_retries_the_next() -> None:
     assert Send(3, b"b3", Join(1, a.address, 0)) in effects
 
 
+def test_two_one_node_overlays_merge_through_join_via() -> None:
+    a, b = node(1000), node(2000)
+    wires = Wires(a, b)
+    wires.feed(1000, a.start(0.0))
+    wires.feed(2000, b.start(0.0))
+    assert a.is_ready and b.is_ready and a.peers() == {} == b.peers()
+    wires.feed(2000, b.join_via(ref(a), 0.0))
+    assert b.leaf_set() == ([1000], [1000])  # a answered the join
+    wires.run_until(1.0)  # b's first heartbeat introduces it to a
+    assert a.leaf_set() == ([2000], [2000])
+    assert b.join_via(ref(b), 0.0) == []
+
+
+def test_hints_from_outside_are_probed_only_when_useful() -> None:
+    a = node(5, config=PastryConfig(leaf_half=1))
+    a.start(0.0)
+    assert a.hint([NodeRef(6, b"n6")], 0.0) == [Send(6, b"n6", Heartbeat(b"n5", 0, False, True))]
+    a.handle(6, Heartbeat(b"n6", 0, True, False), 0.0)
+    a.handle(4, Heartbeat(b"n4", 0, True, False), 0.0)
+    a.handle((2 << 100) | 5, Heartbeat(b"x", 0, True, False), 0.0)
+    # Fits neither side of the (full) leaf set, and its table slot is taken by a better node.
+    assert a.hint([NodeRef((2 << 100) | 3, b"y")], 0.0) == []
+
+
 def test_start_twice_is_a_bug() -> None:
     a = node(1)
     a.start(0.0)
@@ -135,7 +159,9 @@ def test_the_bootstrap_answers_with_its_state_and_the_joiner_becomes_ready() -> 
     replies = [e.message for _, e in wires.sent if isinstance(e.message, JoinReply)]
     assert replies == [JoinReply(a.address, (), True)]
     assert b.is_ready and (2000, Ready()) in wires.events
-    assert a.leaf_set() == ([2000], [2000]) and b.leaf_set() == ([1000], [1000])
+    assert b.leaf_set() == ([1000], [1000])
+    wires.run_until(1.0)
+    assert a.leaf_set() == ([2000], [2000])
 
 
 def test_join_is_routed_towards_the_joiners_id_and_each_hop_answers() -> None:
@@ -329,7 +355,8 @@ def test_a_silent_peer_is_suspected_pinged_then_declared_dead_on_time() -> None:
         assert deadline is not None
         t = deadline
         effects += a.on_timer(t)
-    assert t == pytest.approx(a.config.dead_after)
+    # Silent since it was admitted at 0.0, which earns one heartbeat interval of grace.
+    assert t == pytest.approx(a.config.heartbeat_interval + a.config.dead_after)
     assert PeerDead(b, "silent") in effects
     pings = [e for e in effects if isinstance(e, Send) and isinstance(e.message, Heartbeat)]
     assert any(p.message.want_reply for p in pings if isinstance(p.message, Heartbeat))

@@ -158,6 +158,25 @@ def test_loss_kill_and_partition_drop_messages() -> None:
     assert net.messages_lost > 0 and c not in net.live_ids()
 
 
+@pytest.mark.parametrize("fifo", [True, False])
+def test_links_keep_order_unless_told_not_to(fifo: bool) -> None:
+    net = SimNetwork(8, latency=(0.0, 1.0), fifo=fifo, factory=make_chatter)
+    a, b = net.add_nodes(2)
+    net.start(b)
+    for seq in range(50):
+        beat = Send(b, net.ref(b).address, Heartbeat(b"", seq, True, False))
+
+        def send(core: SimCore, now: float, effect: Send = beat) -> list[Send]:
+            return [effect]
+
+        net.inject(a, send)
+        net.run_for(0.01)
+    net.run_for(2.0)
+    received = [m.leaf_version for _, _, m in chatter(net, b).received if isinstance(m, Heartbeat)]
+    assert sorted(received) == list(range(50))
+    assert (received == list(range(50))) == fifo
+
+
 def test_slow_nodes_get_extra_latency() -> None:
     net = SimNetwork(3, latency=(0.0, 0.0), factory=make_chatter)
     a, b = net.add_nodes(2)

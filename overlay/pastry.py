@@ -93,12 +93,12 @@ class PastryConfig:
     join_timeout: float = 5.0
     request_interval: float = 1.0
     """Least time between two leaf-set requests to one peer prompted by heartbeats."""
-    maintenance_interval: float = 15.0
+    maintenance_interval: float = 5.0
     """Mean time between two background state exchanges with random peers."""
     settle_time: float = 1.5
     """Mean time after joining before the first of those (a second look at the neighbourhood)."""
     dead_memory: float = 10.0
-    """How long second-hand mentions of a dead (or silent) node are ignored."""
+    """How long second-hand mentions of a node declared dead are ignored."""
     max_dead: int = 256
     max_probes: int = 256
     max_hops: int = 64
@@ -877,7 +877,7 @@ class PastryNode:
     # Knowledge
 
     def _learn(
-        self, node_id: int, address: Address, now: float, effects: list[Effect]
+        self, node_id: int, address: Address, now: float, effects: list[Effect], greet: bool = True
     ) -> _Peer | None:
         """First-hand contact with ``node_id``: admit it wherever it fits.
 
@@ -885,7 +885,9 @@ class PastryNode:
         just admitted gets one heartbeat interval of grace on top of ``dead_after``:
         its first answer comes back a round trip after our next round (which
         includes it whatever it is), and a peer with a long round trip must not
-        look silent before that.
+        look silent before that. A new leaf-set member is also greeted at once
+        (unless the caller answers it anyway): leaf sets converge a round trip
+        per step, and waiting for the next round would add half a second to each.
         """
         peer = self._peers.get(node_id)
         if peer is not None:
@@ -905,6 +907,8 @@ class PastryNode:
             return None
         peer = self._peers[node_id] = _Peer(address, now + self.config.heartbeat_interval)
         self._place(node_id, effects)
+        if greet and node_id in self._leaf:
+            effects.append(Send(node_id, address, self._beat(False)))
         return peer
 
     def _place(self, node_id: int, effects: list[Effect]) -> None:
@@ -987,7 +991,7 @@ class PastryNode:
             # answer at once rather than after a silence.
             ask = peer.watches_us and not message.watching
         else:
-            peer = self._learn(src_id, message.address, now, effects)
+            peer = self._learn(src_id, message.address, now, effects, not message.want_reply)
             if peer is None:
                 if message.want_reply:
                     reply = Heartbeat(self.address, self._leaf_version, False, False)
@@ -1063,9 +1067,11 @@ class PastryNode:
                 wake = expiry
         self._wake = wake
         if self._probes:
+            # An unanswered probe is forgotten, not held against the node: the
+            # probe or its answer may just have been lost, and a dead node stops
+            # being gossiped about once its neighbours notice.
             for p in [p for p, until in self._probes.items() if until <= now]:
                 del self._probes[p]
-                self._remember_dead(p, now)
         dead = self._dead
         while dead:
             first = next(iter(dead))

@@ -100,6 +100,7 @@ def _as_pastry(core: SimCore) -> PastryNode:
 
 
 _MAX_FIRES_AT_ONE_TIME = 1000
+_IN_FLIGHT_SWEEP = 64
 
 
 class SimNetwork:
@@ -329,6 +330,9 @@ class SimNetwork:
             last = in_flight.get(effect.dst_id)
             if last is not None and at < last:
                 at = last  # behind the previous message: links are streams
+            elif last is None and len(in_flight) >= _IN_FLIGHT_SWEEP:
+                now = clock.now  # keep only links with a message still on its way
+                node.in_flight = in_flight = {d: t for d, t in in_flight.items() if t > now}
             in_flight[effect.dst_id] = at
         message = wire.encode(effect.message) if self.codec else effect.message
         clock.post_at(at, self._deliver, src, node, effect.dst_id, dst, message)

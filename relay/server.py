@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -70,7 +76,7 @@ class RelayConnection(Protocol):
         self.backlog = 0  # bytes written while congested (the buffer holds at least this)
         self._waiters: set[RelayConnection] = set()  # connections paused because of us
         self._blockers = 0  # how many congested connections we are waiting for
-        self._timer: object | None = None
+        self._timer: IDelayedCall | None = None
         self._outbox: list[bytes] = []  # written this reactor turn, not yet handed to the socket
 
     # -- Protocol ----------------------------------------------------------------------
@@ -97,7 +103,9 @@ class RelayConnection(Protocol):
             max_name=limits.max_name,
             handshake_seconds=limits.handshake_seconds,
         )
-        self._timer = clock.callLater(limits.handshake_seconds, self._handshake_timer)
+        deadline = self.session.next_deadline()
+        assert deadline is not None
+        self._timer = clock.callLater(deadline - clock.seconds(), self._handshake_timer)
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
@@ -122,7 +130,6 @@ class RelayConnection(Protocol):
         self._release_waiters()
         if self.session is not None:
             self.session.connection_lost()
-        self.factory.on_connection_lost(self)
 
     def _handshake_timer(self) -> None:
         self._timer = None
@@ -131,8 +138,8 @@ class RelayConnection(Protocol):
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
-        if timer is not None and timer.active():  # type: ignore[attr-defined]
-            timer.cancel()  # type: ignore[attr-defined]
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- Wire (what the session writes through) ------------------------------------------
 
@@ -295,9 +302,6 @@ class RelayFactory(ServerFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> RelayConnection:  # type: ignore[override]
         return RelayConnection(self)
-
-    def on_connection_lost(self, connection: RelayConnection) -> None:
-        pass
 
     def flush_later(self, connection: RelayConnection) -> None:
         """Flush ``connection`` at the start of the next reactor turn, with all others.

@@ -85,7 +85,7 @@ def render_status(state: dict[str, Any]) -> str:
     lines.append(f"relay: {' and '.join(relay['addresses'])}, {relay['connections']} connections")
     overlay = state.get("overlay")
     if overlay is None:
-        lines.append("overlay: not running")
+        lines.append("overlay: none (developer mode: start with --net and --key to join a network)")
         return "\n".join(lines)
     lines.append(
         f"node {overlay['node_id']} in network {overlay['network']!r}"

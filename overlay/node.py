@@ -347,20 +347,19 @@ class OverlayNode:
         assert self.pastry is not None
         self._next_lookup += 1
         nonce = self._next_lookup
-        result: Deferred[int] = Deferred()
-        self._lookups[nonce] = result
-        payload = msgpack.packb([_LOOKUP, nonce])
-        self._apply(self.pastry.route(key, payload, self.reactor.seconds()))
 
-        def expire() -> None:
-            pending = self._lookups.pop(nonce, None)
-            if pending is not None:
-                pending.errback(TimeoutError(f"no answer for key {format_id(key)}"))
+        def forget(_: object) -> None:
+            self._lookups.pop(nonce, None)
+
+        result: Deferred[int] = Deferred(forget)
+        self._lookups[nonce] = result
+        self._apply(self.pastry.route(key, msgpack.packb([_LOOKUP, nonce]), self.reactor.seconds()))
+
+        def timed_out(outcome: object, seconds: float) -> int:
+            raise TimeoutError(f"no answer for key {format_id(key)} within {seconds} s")
 
         delay = self.config.lookup_timeout if timeout is None else timeout
-        call = self.reactor.callLater(delay, expire)
-        result.addBoth(lambda outcome: (call.active() and call.cancel(), outcome)[1])
-        return result
+        return result.addTimeout(delay, self.reactor, onTimeoutCancel=timed_out)
 
     def _deliver(self, effect: Deliver) -> None:
         try:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, globalLogPublisher
@@ -192,3 +193,14 @@ async def test_a_vanished_node_is_routed_around(cluster: Cluster) -> None:
         lambda: lookups_agree(cluster.nodes, [*keys, victim_id]), 3.0, "routing around it"
     )
     await victim.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lookup_nobody_answers_times_out_and_is_forgotten(cluster: Cluster) -> None:
+    node = await cluster.start()
+    node.overlay._deliver = lambda effect: None  # the answer gets lost on the way
+    started = reactor.seconds()
+    with pytest.raises(TimeoutError):
+        await node.overlay.lookup(12345, timeout=0.2)
+    assert 0.19 <= reactor.seconds() - started < 1.0
+    assert node.overlay._lookups == {}

@@ -249,10 +249,6 @@ class Broker:
     def subscribers(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 
-    def members(self, cluster: str) -> int:
-        group = self._clusters.get(cluster)
-        return len(group.members) if group is not None else 0
-
     def publish(self, topic: str, event: bytes) -> None:
         subscribers = self._topics.get(topic)
         if subscribers is not None:

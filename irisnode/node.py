@@ -148,6 +148,7 @@ class Node:
                 "addresses": self.relay_addresses,
                 "connections": len(self.relay.connections),
                 "handshakes": counters.handshakes,
+                "bytes_in": counters.bytes_in,
                 "dropped_connections": counters.drops,
                 "dropped_deliveries": counters.dropped_deliveries,
                 "paused_reads": counters.paused_reads,

@@ -10,11 +10,13 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from overlay import lookup, pastry
 from overlay.discovery import Discovery, DiscoveryConfig, parse_seed
 from overlay.discovery_twisted import DEFAULT_PORT, MulticastDiscovery, MulticastSockets
 from overlay.identity import Credentials, NetworkKey, NodeIdentity
 from overlay.interfaces import list_interfaces, select_interfaces
-from overlay.node import OverlayConfig, OverlayNode
+from overlay.service import OverlayConfig, OverlayService
+from overlay.wire import MessageRegistry
 
 if TYPE_CHECKING:
     from irisnode.node import NetworkConfig
@@ -34,9 +36,17 @@ def _reachable_hosts(interfaces: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
+def message_registry() -> MessageRegistry:
+    """Every node-to-node message this node speaks, from each family's ``register``."""
+    registry = MessageRegistry()
+    for family in (pastry, lookup):
+        family.register(registry)
+    return registry
+
+
 def start_overlay(
     reactor: Any, network: NetworkConfig, *, rng: random.Random, entropy: Entropy
-) -> OverlayNode:
+) -> OverlayService:
     """Start the overlay described by ``network`` and return it.
 
     Raises :class:`~overlay.identity.CredentialError`,
@@ -62,8 +72,14 @@ def start_overlay(
         advertised_hosts=tuple(advertised),
         scope_interface=scope,
     )
-    node = OverlayNode(
-        reactor, key, Credentials.for_network(key, identity), config, rng=rng, entropy=entropy
+    node = OverlayService(
+        reactor,
+        key,
+        Credentials.for_network(key, identity),
+        config,
+        registry=message_registry(),
+        rng=rng,
+        entropy=entropy,
     )
     node.start()
     if interfaces:

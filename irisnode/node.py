@@ -79,7 +79,7 @@ class Node:
         self.config = config
         self.rng = rng if rng is not None else random.Random(entropy(16))
         self.entropy = entropy
-        self.overlay: Any = None  # overlay.node.OverlayNode, once started
+        self.overlay: Any = None  # overlay.service.OverlayService, once started
         self.started_at = reactor.seconds()
         self.failed: Exception | None = None
         self.on_failure: Callable[[Exception], None] | None = None

@@ -1,6 +1,7 @@
 """Many nodes in one process: a seeded in-memory network on a heap-ordered clock.
 
-:class:`SimNetwork` hosts pure cores (by default :class:`overlay.pastry.PastryNode`)
+:class:`SimNetwork` hosts pure cores (by default :class:`overlay.pastry.PastryCore`; an
+:class:`overlay.stack.OverlayStack` runs the same way)
 and does for them what the links and the reactor do in production: it carries
 out their :class:`~overlay.pastry.Send` effects after a random latency (or loses
 them), drives each core's single timer from ``next_deadline``/``on_timer``, and
@@ -10,13 +11,14 @@ silently (like SIGKILL), made slow, or partitioned.
 Everything random comes from the seed, so a run is reproducible event for event.
 Messages from one node to another arrive in the order they were sent, as on the
 TCP links they model (each still draws its own latency, but never overtakes the
-previous one); ``fifo=False`` lets them overtake. With ``codec=True`` every
-message goes through :mod:`overlay.wire` on its way, as on a real link.
+previous one); ``fifo=False`` lets them overtake. Given a ``codec`` (a
+:class:`~overlay.wire.MessageRegistry`), every message is encoded and decoded on
+its way, as on a real link.
 
 Any core with the same effect style runs here: it needs ``start``, ``handle``,
 ``on_timer`` and ``next_deadline`` (:class:`SimCore`). The Pastry helpers
 (:meth:`~SimNetwork.converged`, :meth:`~SimNetwork.trace_route`, ...) reach the
-Pastry core of a composite through the ``pastry_of`` argument.
+Pastry core of a composite through its ``pastry`` attribute (or ``pastry_of``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from typing import Protocol
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
-from overlay import wire
 from overlay.ids import closest, random_id
-from overlay.pastry import NodeRef, PastryConfig, PastryNode, Ready, Send
+from overlay.pastry import NodeRef, PastryConfig, PastryCore, Ready, Send
 from overlay.simclock import HeapClock, Timer
+from overlay.wire import MessageRegistry
 
 
 class SimCore(Protocol):
@@ -93,10 +95,11 @@ class _SimNode:
         """Per destination, when the last message sent there arrives (links are FIFO)."""
 
 
-def _as_pastry(core: SimCore) -> PastryNode:
-    if not isinstance(core, PastryNode):
+def _as_pastry(core: SimCore) -> PastryCore:
+    pastry = core if isinstance(core, PastryCore) else getattr(core, "pastry", None)
+    if not isinstance(pastry, PastryCore):
         raise TypeError("pass pastry_of= to reach the Pastry core of this core")
-    return core
+    return pastry
 
 
 _MAX_FIRES_AT_ONE_TIME = 1000
@@ -112,11 +115,11 @@ class SimNetwork:
         *,
         latency: tuple[float, float] = (0.001, 0.01),
         loss: float = 0.0,
-        codec: bool = False,
+        codec: MessageRegistry | None = None,
         fifo: bool = True,
         config: PastryConfig | None = None,
         factory: CoreFactory | None = None,
-        pastry_of: Callable[[SimCore], PastryNode] = _as_pastry,
+        pastry_of: Callable[[SimCore], PastryCore] = _as_pastry,
         record_trace: bool = False,
     ) -> None:
         if not 0 <= latency[0] <= latency[1]:
@@ -152,7 +155,7 @@ class SimNetwork:
     # Building the network
 
     def _make_pastry(self, node_id: int, address: bytes, rng: random.Random) -> SimCore:
-        return PastryNode(node_id, address, rng, self.config)
+        return PastryCore(node_id, address, rng, self.config)
 
     @property
     def now(self) -> float:
@@ -177,7 +180,7 @@ class SimNetwork:
     def core(self, node_id: int) -> SimCore:
         return self.nodes[node_id].core
 
-    def pastry(self, node_id: int) -> PastryNode:
+    def pastry(self, node_id: int) -> PastryCore:
         return self._pastry_of(self.nodes[node_id].core)
 
     def ref(self, node_id: int) -> NodeRef:
@@ -206,9 +209,9 @@ class SimNetwork:
         refs = [self.ref(b) for b in bootstrap]
         self._dispatch(node_id, node, node.core.start(self.clock.now, refs))
 
-    def route(self, node_id: int, key: int, payload: bytes = b"") -> None:
+    def route(self, node_id: int, key: int, message: object = b"") -> None:
         """Originate a routed message at ``node_id``; the Deliver lands in :attr:`events`."""
-        self.inject(node_id, lambda _core, now: self.pastry(node_id).route(key, payload, now))
+        self.inject(node_id, lambda _core, now: self.pastry(node_id).route(key, message, now))
 
     def kill(self, node_id: int) -> None:
         """Stop a node without a word, like SIGKILL: it sends and answers nothing more."""
@@ -334,7 +337,7 @@ class SimNetwork:
                 now = clock.now  # keep only links with a message still on its way
                 node.in_flight = in_flight = {d: t for d, t in in_flight.items() if t > now}
             in_flight[effect.dst_id] = at
-        message = wire.encode(effect.message) if self.codec else effect.message
+        message = effect.message if self.codec is None else self.codec.encode(effect.message)
         clock.post_at(at, self._deliver, src, node, effect.dst_id, dst, message)
 
     def _deliver(
@@ -343,9 +346,9 @@ class SimNetwork:
         if not node.alive or (self._partitioned and src_node.group != node.group):
             self.messages_lost += 1
             return
-        if self.codec:
+        if self.codec is not None:
             assert isinstance(message, bytes)
-            message = wire.decode(message)
+            message = self.codec.decode(message)
         self._dispatch(dst_id, node, node.core.handle(src, message, self.clock.now))
 
     def _fire(self, node_id: int) -> None:
@@ -389,7 +392,7 @@ class SimNetwork:
             if one_by_one:
                 pastry = self.pastry(node_id)
 
-                def ready(p: PastryNode = pastry) -> bool:
+                def ready(p: PastryCore = pastry) -> bool:
                     return p.is_ready
 
                 if not self.run_until(ready, ready_timeout):

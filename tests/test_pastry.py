@@ -18,35 +18,36 @@ from overlay.pastry import (
     Intercept,
     Join,
     JoinReply,
-    LeafSet,
+    LeafSetChanged,
     LeafSetReply,
     LeafSetRequest,
     Leave,
     NodeRef,
     PastryConfig,
-    PastryNode,
+    PastryCore,
     PeerDead,
     Ready,
     Route,
-    RoutingTable,
     RowReply,
     RowRequest,
     Send,
 )
+from overlay.pastry.leafset import LeafSet
+from overlay.pastry.table import RoutingTable
 
 
-def node(node_id: int, seed: int = 0, config: PastryConfig | None = None) -> PastryNode:
-    return PastryNode(node_id, b"n%d" % node_id, random.Random(seed), config)
+def node(node_id: int, seed: int = 0, config: PastryConfig | None = None) -> PastryCore:
+    return PastryCore(node_id, b"n%d" % node_id, random.Random(seed), config)
 
 
-def ref(n: PastryNode) -> NodeRef:
+def ref(n: PastryCore) -> NodeRef:
     return NodeRef(n.node_id, n.address)
 
 
 class Wires:
     """Carries Send effects between a few cores instantly, in order; keeps the rest."""
 
-    def __init__(self, *nodes: PastryNode) -> None:
+    def __init__(self, *nodes: PastryCore) -> None:
         self.nodes = {n.node_id: n for n in nodes}
         self.events: list[tuple[int, Effect]] = []
         self.sent: list[tuple[int, Send]] = []
@@ -107,7 +108,7 @@ def test_a_node_alone_is_ready_at_once_and_owns_every_key() -> None:
     a = node(100)
     assert a.start(0.0) == [Ready()]
     assert a.is_ready
-    assert a.route(5, b"hi", 0.0) == [Deliver(5, b"hi", 0, 100, a.address)]
+    assert a.route(5, b"hi", 0.0) == [Deliver(Route(5, 100, a.address, 0, False, b"hi"))]
 
 
 def test_joining_sends_join_to_the_bootstrap_and_retries_the_next() -> None:
@@ -214,11 +215,12 @@ def test_intercepted_routes_stop_at_each_hop_until_forwarded() -> None:
     assert isinstance(send.message, Route)
     upcalls = hop.handle(10, send.message, wires.now)
     if hop.node_id == 1 << 127:
-        assert upcalls == [Deliver(key, b"join-tree", 1, 10, b"n10")]
+        assert upcalls == [Deliver(Route(key, 10, b"n10", 1, True, b"join-tree"))]
     else:
         (upcall,) = upcalls
         assert isinstance(upcall, Intercept) and upcall.next_hop == 1 << 127
-        onward = hop.forward(upcall.message, wires.now)
+        assert upcall.src_id == 10
+        onward = hop.forward(upcall.route, wires.now)
         assert [e.dst_id for e in onward if isinstance(e, Send)] == [1 << 127]
 
 
@@ -338,7 +340,7 @@ def test_a_small_rings_leaf_set_covers_every_key(ids: list[int], key: int) -> No
 # Failure detection
 
 
-def _pair() -> tuple[PastryNode, int]:
+def _pair() -> tuple[PastryCore, int]:
     a = node(1000)
     a.start(0.0)
     a.handle(2000, Heartbeat(b"n2000", 0, True, False), 0.0)
@@ -480,3 +482,16 @@ def test_config_is_checked() -> None:
         PastryConfig(leaf_half=0)
     with pytest.raises(ValueError):
         PastryConfig(probe_interval=5.0)
+
+
+def test_leaf_set_changes_are_reported_once_per_input() -> None:
+    a = node(100)
+    a.start(0.0)
+    joined_effects = a.handle(200, Heartbeat(b"n200", 0, True, False), 0.1)
+    assert joined_effects.count(LeafSetChanged()) == 1
+    assert LeafSetChanged() not in a.handle(200, Heartbeat(b"n200", 0, True, False), 0.2)
+    a.handle(300, Heartbeat(b"n300", 0, True, False), 0.2)
+    # Both go silent: one timer input loses two members, one report.
+    lost = a.on_timer(10.0)
+    assert lost.count(LeafSetChanged()) == 1
+    assert {e.peer_id for e in lost if isinstance(e, PeerDead)} == {200, 300}

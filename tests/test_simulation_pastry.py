@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 import random
+from typing import cast
 
 import pytest
 
+from overlay import lookup, pastry
 from overlay.ids import ID_DIGITS, random_id
-from overlay.pastry import Deliver, PastryNode, PeerDead, Ready
+from overlay.lookup import Lookup
+from overlay.pastry import Deliver, PastryCore, PeerDead, Ready
 from overlay.simulation import SimNetwork
+from overlay.wire import MessageRegistry
+
+
+def registry() -> MessageRegistry:
+    registry = MessageRegistry()
+    pastry.register(registry)
+    lookup.register(registry)
+    return registry
 
 
 def keys(count: int, seed: int = 99) -> list[int]:
@@ -71,19 +82,21 @@ def test_no_state_grows_past_its_bounds(joined_200: SimNetwork) -> None:
 
 
 def test_real_messages_are_delivered_once_at_the_owner_through_the_codec() -> None:
-    net = SimNetwork(11, codec=True)
+    net = SimNetwork(11, codec=registry())
     net.add_nodes(60)
     net.join_all(one_by_one=False, interval=0.02)
     assert net.run_until_converged(10.0) is not None
     sent = keys(300, seed=1)
     live = net.live_ids()
     for i, key in enumerate(sent):
-        net.route(live[i % len(live)], key, b"payload %d" % i)
+        net.route(live[i % len(live)], key, Lookup(i))
     net.run_for(1.0)
-    delivered = {(e.key, n) for _, n, e in net.events if isinstance(e, Deliver)}
+    delivered = {(e.route.key, n) for _, n, e in net.events if isinstance(e, Deliver)}
     assert delivered == {(key, net.true_owner(key)) for key in sent}
-    payloads = [e.payload for _, _, e in net.events if isinstance(e, Deliver)]
-    assert sorted(payloads) == sorted(b"payload %d" % i for i in range(300))
+    nonces = [
+        cast(Lookup, e.route.message).nonce for _, _, e in net.events if isinstance(e, Deliver)
+    ]
+    assert sorted(nonces) == list(range(300))
 
 
 def test_routing_is_correct_again_within_10_s_after_20_percent_fail_at_once() -> None:
@@ -185,7 +198,7 @@ def test_concurrent_joins_converge() -> None:
 
 
 def test_a_lossy_network_still_converges_and_routes_correctly() -> None:
-    net = SimNetwork(17, loss=0.05, codec=True)
+    net = SimNetwork(17, loss=0.05, codec=registry())
     net.add_nodes(60)
     net.join_all()
     assert net.run_until_converged(20.0) is not None
@@ -217,7 +230,7 @@ def test_joining_does_not_block_a_node_from_routing() -> None:
     first, second = net.add_nodes(2)
     net.start(first)
     net.start(second, [first])
-    pastry: PastryNode = net.pastry(second)
+    pastry: PastryCore = net.pastry(second)
     assert not pastry.is_ready
     net.route(second, 123, b"early")  # answered at once, from whatever state there is
     assert [e for _, n, e in net.events if n == second and isinstance(e, Deliver)]

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from overlay import wire
+from overlay import lookup, pastry, wire
 from overlay.ids import ID_SPACE
+from overlay.lookup import Found, Lookup
 from overlay.pastry import (
     Heartbeat,
     Join,
@@ -24,7 +25,20 @@ from overlay.pastry import (
     RowReply,
     RowRequest,
 )
-from overlay.wire import MAX_ADDRESS, MAX_REFS, MessageRegistry, WireError, decode, encode
+from overlay.pastry.messages import REFS
+from overlay.wire import MAX_ADDRESS, MAX_ARRAY, MAX_NESTING, MessageRegistry, WireError
+
+
+def node_registry() -> MessageRegistry:
+    registry = MessageRegistry()
+    pastry.register(registry)
+    lookup.register(registry)
+    return registry
+
+
+REGISTRY = node_registry()
+encode = REGISTRY.encode
+decode = REGISTRY.decode
 
 ids = st.integers(min_value=0, max_value=ID_SPACE - 1)
 addresses = st.binary(max_size=MAX_ADDRESS)
@@ -42,7 +56,10 @@ messages = st.one_of(
     st.builds(RowRequest, addresses, rows),
     st.builds(RowReply, addresses, rows, refs),
     st.builds(Leave, refs),
-    st.builds(Route, ids, ids, addresses, u8, st.booleans(), st.binary(max_size=2000)),
+    st.builds(
+        Route, ids, ids, addresses, u8, st.booleans(), st.builds(Lookup, st.integers(0, 2**64 - 1))
+    ),
+    st.builds(Found, st.integers(0, 2**64 - 1), ids),
 )
 
 
@@ -56,13 +73,13 @@ def test_bytes_are_stable() -> None:
     assert encode(Heartbeat(b"h:1", 7, True, False)) == bytes.fromhex(
         "96 01 01 c4 03 683a31 07 c3 c2"
     )
-    route = Route(1, 2**128 - 1, b"a", 3, False, b"hi")
+    route = Route(1, 2**128 - 1, b"a", 3, False, Lookup(5))
     assert encode(route) == (
         bytes.fromhex("98 01 09 c4 10")
         + (1).to_bytes(16, "big")
         + bytes.fromhex("c4 10")
         + b"\xff" * 16
-        + bytes.fromhex("c4 01 61 03 c2 c4 02 6869")
+        + bytes.fromhex("c4 01 61 03 c2 92 10 05")
     )
 
 
@@ -100,10 +117,17 @@ GOOD_ID = b"\x00" * 16
         (_raw(1, 8, [[GOOD_ID]]), "[id, address]"),
         (_raw(1, 8, [[GOOD_ID, "a"]]), "address"),
         (_raw(1, 8, [[GOOD_ID[:3], b"a"]]), "16 bytes"),
-        (_raw(1, 8, [[GOOD_ID, b"a"]] * (MAX_REFS + 1)), "malformed"),
+        (_raw(1, 8, [[GOOD_ID, b"a"]] * (MAX_ARRAY + 1)), "malformed"),
         (_raw(1, 8, {"a": 1}), "node refs"),
         (b"\x91" * 5000 + b"\x00", "malformed"),
         (msgpack.packb([1, 4, msgpack.ExtType(1, b"x")]), "malformed"),
+        (_raw(1, 9, GOOD_ID, GOOD_ID, b"a", 0, False, b"raw bytes"), "not a message"),
+        (_raw(1, 9, GOOD_ID, GOOD_ID, b"a", 0, False, [200, 1]), "unknown message type"),
+        (
+            _raw(1, 9, GOOD_ID, GOOD_ID, b"a", 0, False, [16, "x"]),
+            "Route: Lookup: expected an integer",
+        ),
+        (_raw(1, 9, GOOD_ID, GOOD_ID, b"a", 0, False, []), "not a message"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
@@ -113,7 +137,7 @@ def test_malformed_messages_are_rejected_with_a_reason(data: bytes, reason: str)
 
 
 def test_oversize_messages_are_refused_before_parsing() -> None:
-    data = encode(Route(0, 0, b"", 0, False, b"x" * 1000))
+    data = encode(Route(0, 0, b"x" * 200, 0, False, Lookup(1)))
     assert decode(data, max_size=len(data)) is not None
     with pytest.raises(WireError, match="exceeds"):
         decode(data, max_size=len(data) - 1)
@@ -151,7 +175,7 @@ def test_registration_mistakes_fail_loudly() -> None:
     registry = MessageRegistry()
     registry.register(40, _Ping, wire.U32, wire.Bin())
     with pytest.raises(ValueError):
-        registry.register(40, Leave, wire.REFS)
+        registry.register(40, Leave, REFS)
     with pytest.raises(ValueError):
         registry.register(41, _Ping, wire.U32, wire.Bin())
     with pytest.raises(ValueError):
@@ -161,3 +185,39 @@ def test_registration_mistakes_fail_loudly() -> None:
 def test_encoding_an_out_of_range_value_is_our_bug() -> None:
     with pytest.raises(ValueError):
         encode(Join(1, b"a", 256))
+
+
+def test_routes_nest_to_a_bounded_depth() -> None:
+    registry = node_registry()
+    message: object = Lookup(7)
+    for _ in range(MAX_NESTING - 1):
+        message = Route(1, 2, b"a", 0, True, message)
+    assert registry.decode(registry.encode(message)) == message
+    too_deep = Route(1, 2, b"a", 0, True, message)
+    with pytest.raises(WireError, match="nested"):
+        registry.decode(registry.encode(too_deep))
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    name: str
+    weights: tuple[tuple[int, float], ...]
+
+
+def test_names_floats_and_lists_of_records_round_trip_and_are_checked() -> None:
+    registry = MessageRegistry()
+    registry.register(33, _Report, wire.Text(8), wire.ListOf(wire.Struct(wire.ID, wire.FLOAT), 3))
+    report = _Report("b\udcffx", ((1, 0.5), (2, 0.0)))
+    assert registry.decode(registry.encode(report)) == report
+    for bad, reason in [
+        (_raw(1, 33, b"123456789", []), "name of at most 8"),
+        (_raw(1, 33, b"a", [[GOOD_ID, -1.0]]), "non-negative float"),
+        (_raw(1, 33, b"a", [[GOOD_ID, float("nan")]]), "non-negative float"),
+        (_raw(1, 33, b"a", [[GOOD_ID, 1]]), "float"),
+        (_raw(1, 33, b"a", [[GOOD_ID]]), "record of 2"),
+        (_raw(1, 33, b"a", [[GOOD_ID, 1.0]] * 4), "at most 3"),
+    ]:
+        with pytest.raises(WireError, match=reason):
+            registry.decode(bad)
+    with pytest.raises(ValueError):
+        registry.encode(_Report("a", ((1, float("inf")),)))

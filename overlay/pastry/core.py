@@ -1,80 +1,47 @@
-"""Pastry routing as a pure core: messages and ``now`` in, effects out.
-
-One :class:`PastryNode` per node. It never reads a clock, never draws randomness
-except from the injected ``random.Random``, never logs and never touches a socket:
-the same object runs under unit tests, in :mod:`overlay.simulation` with thousands
-of others, and behind the real links. Peers are node ids plus an opaque address
-(``bytes``) that only the link layer interprets.
-
-The rules, in one place (``docs/overlay.md`` has the reasons at more length):
-
-* **Routing.** A key inside the leaf set's range goes to the numerically closest
-  member (or is delivered here); otherwise to the routing-table entry that shares
-  one more digit with the key; otherwise to any known node that is closer. Every
-  hop either lengthens the shared prefix or shortens the distance, so a route
-  ends at the node closest to the key (:func:`overlay.ids.closer`) once leaf sets
-  are right; a hop limit bounds the damage while they are not.
-* **Only first-hand knowledge enters the state.** The leaf set and the routing
-  table hold only nodes this node has heard from directly. Refs learned second
-  hand (join replies, leaf sets, rows) are *hints*: a hint that would improve the
-  state is probed, and the probe's answer admits it. Dead nodes gossiped by
-  slower peers therefore never displace live ones, and probing a hint also
-  introduces this node to it (which is how a joining node announces itself).
-* **Join** routes a ``Join`` towards the new node's own id through a bootstrap
-  node; every node on the path answers with its routing-table rows, the last one
-  (the numerically closest) with its leaf set too, and the new node is
-  :class:`Ready` when that last answer arrives. The same lookup runs again a
-  moment later and then now and then (maintenance), to find neighbours that a
-  join racing with others missed.
-* **State exchange.** Every leaf-set change bumps a version carried by
-  heartbeats; each heartbeat round, a node pulls the leaf set of the nearest
-  neighbour whose version it has not seen.
-* **Failure detection.** Leaf-set members get a heartbeat every
-  ``heartbeat_interval``, routing-table entries every ``probe_interval``. A
-  heartbeat says whether the sender keeps the receiver in its state
-  (``watching``); a peer that does not watch us, and any suspect, is asked to
-  answer. So evidence of life flows at the heartbeat rate however long the
-  latency, and only *gaps* count: silent for ``suspect_after``, a peer is
-  suspect and pinged every round; silent for ``dead_after``, it is dead. A node
-  that drops a peer from its state tells it (``watching`` false) so that it
-  starts asking at once. A dropped link shortens the grace to ``link_down_grace``.
-* **Repair.** A lost leaf member is replaced from known peers at once, and the
-  farthest healthy member on each side is asked for its leaf set; a lost table
-  slot is refilled by asking a peer that shares the row for its row. A graceful
-  ``Leave`` carries the leaver's leaf set, so the repair needs no round trip.
-"""
+"""The Pastry state machine: :class:`PastryCore` (the rules are in :mod:`overlay.pastry`)."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
-
-from sortedcontainers import SortedList  # type: ignore[import-untyped]
+from typing import Literal
 
 from overlay.ids import (
-    BASE,
-    DIGIT_BITS,
-    ID_BITS,
     ID_DIGITS,
-    ID_SPACE,
     check_id,
-    clockwise,
     closer,
     digit,
     ring_distance,
     shared_prefix_digits,
 )
-
-Address = bytes
-"""Where a peer can be reached; opaque to the core (the link layer's business)."""
-
-
-class NodeRef(NamedTuple):
-    node_id: int
-    address: Address
+from overlay.pastry.effects import (
+    Deliver,
+    Dropped,
+    Effect,
+    Intercept,
+    LeafSetChanged,
+    PeerDead,
+    PeerLossReason,
+    Ready,
+    Send,
+)
+from overlay.pastry.leafset import LeafSet
+from overlay.pastry.messages import (
+    Address,
+    Heartbeat,
+    Join,
+    JoinReply,
+    LeafSetReply,
+    LeafSetRequest,
+    Leave,
+    NodeRef,
+    Route,
+    RowReply,
+    RowRequest,
+)
+from overlay.pastry.table import RoutingTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,403 +79,6 @@ class PastryConfig:
             raise ValueError("need 0 < probe_interval < dead_after")
 
 
-# --------------------------------------------------------------------------------
-# Messages between nodes (encoded by overlay.wire)
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """I am alive and my leaf set is at ``leaf_version``.
-
-    ``watching``: the sender keeps the receiver in its state and will keep sending
-    heartbeats; False from a node that just dropped the receiver ("unwatch").
-    ``want_reply``: answer at once (a ping).
-    """
-
-    address: Address
-    leaf_version: int
-    watching: bool
-    want_reply: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    """Routed towards ``joiner_id``; every node on the path answers the joiner."""
-
-    joiner_id: int
-    joiner_address: Address
-    hops: int
-
-
-@dataclass(frozen=True, slots=True)
-class JoinReply:
-    """A path node's routing-table rows (and, if ``final``, its leaf set): hints."""
-
-    address: Address
-    refs: tuple[NodeRef, ...]
-    final: bool
-
-
-@dataclass(frozen=True, slots=True)
-class LeafSetRequest:
-    address: Address
-
-
-@dataclass(frozen=True, slots=True)
-class LeafSetReply:
-    address: Address
-    leaf_version: int
-    refs: tuple[NodeRef, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RowRequest:
-    address: Address
-    row: int
-
-
-@dataclass(frozen=True, slots=True)
-class RowReply:
-    address: Address
-    row: int
-    refs: tuple[NodeRef, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    """The sender is leaving for good; ``refs`` (its leaf set) repair the gap at once."""
-
-    refs: tuple[NodeRef, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """An application message on its way to the node responsible for ``key``.
-
-    ``intercept`` asks every intermediate node to hand the message to its upper
-    layer (:class:`Intercept`) instead of forwarding it, which is how Scribe builds
-    trees along routes.
-    """
-
-    key: int
-    origin_id: int
-    origin_address: Address
-    hops: int
-    intercept: bool
-    payload: bytes
-
-
-PastryMessage = (
-    Heartbeat
-    | Join
-    | JoinReply
-    | LeafSetRequest
-    | LeafSetReply
-    | RowRequest
-    | RowReply
-    | Leave
-    | Route
-)
-
-
-# --------------------------------------------------------------------------------
-# Effects (what the owner of the core must do)
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send ``message`` to ``dst_id`` at ``dst_address`` (dialling if need be)."""
-
-    dst_id: int
-    dst_address: Address
-    message: object
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """This node is responsible for ``key``: hand ``payload`` to the application."""
-
-    key: int
-    payload: bytes
-    hops: int
-    origin_id: int
-    origin_address: Address
-
-
-@dataclass(frozen=True, slots=True)
-class Intercept:
-    """A ``Route`` with ``intercept`` set passes here; continue it with :meth:`PastryNode.forward`."""
-
-    message: Route
-    next_hop: int
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """A routed message was given up here (observability: the owner may log it)."""
-
-    message: Route
-    reason: str
-
-
-PeerLossReason = Literal["silent", "left"]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerDead:
-    """A peer this node relied on is gone (it stopped answering, or said goodbye)."""
-
-    peer_id: int
-    reason: PeerLossReason
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """The node has joined the overlay (emitted once)."""
-
-
-Effect = Send | Deliver | Intercept | Dropped | PeerDead | Ready
-
-_ID_SPACE = ID_SPACE
-_HALF = ID_SPACE >> 1
-_DIGIT_MASK = BASE - 1
-_NO_LIMIT = ID_SPACE
-"""A side with room accepts any distance (every distance is below the ring size)."""
-
-
-# --------------------------------------------------------------------------------
-# State tables
-
-
-class LeafSet:
-    """The ``half`` nearest nodes on each side of ``own`` on the ring.
-
-    Each side is a sorted list of distances from ``own`` (clockwise for the right
-    side, counter-clockwise for the left). In a network of fewer than ``2*half + 1``
-    nodes the two sides overlap, and the leaf set then knows the whole ring.
-    The distance a newcomer must beat on each side is cached as a plain int:
-    :meth:`accepts` runs for every hint and every heartbeat from a stranger.
-    """
-
-    def __init__(self, own: int, half: int) -> None:
-        self.own = own
-        self.half = half
-        self._right = SortedList()
-        self._left = SortedList()
-        self._members: set[int] = set()
-        self._right_limit = _NO_LIMIT
-        self._left_limit = _NO_LIMIT
-
-    def __contains__(self, node_id: int) -> bool:
-        return node_id in self._members
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._members)
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def accepts(self, node_id: int) -> bool:
-        """Would ``node_id`` be one of the nearest ``half`` on either side?"""
-        own = self.own
-        return (
-            (
-                (node_id - own) % _ID_SPACE < self._right_limit
-                or (own - node_id) % _ID_SPACE < self._left_limit
-            )
-            and node_id != own
-            and node_id not in self._members
-        )
-
-    def add(self, node_id: int) -> list[int] | None:
-        """Insert ``node_id`` where it fits; None if it fits nowhere, else the evicted ids."""
-        if not self.accepts(node_id):
-            return None
-        pushed: list[int] = []
-        distance = clockwise(self.own, node_id)
-        if distance < self._right_limit:
-            self._right.add(distance)
-            if len(self._right) > self.half:
-                pushed.append(self._right_id(self._right.pop()))
-        distance = clockwise(node_id, self.own)
-        if distance < self._left_limit:
-            self._left.add(distance)
-            if len(self._left) > self.half:
-                pushed.append(self._left_id(self._left.pop()))
-        self._members.add(node_id)
-        evicted = [p for p in pushed if not self._holds(p)]
-        self._members.difference_update(evicted)
-        self._update_limits()
-        return evicted
-
-    def remove(self, node_id: int) -> bool:
-        if node_id not in self._members:
-            return False
-        self._members.discard(node_id)
-        self._right.discard(clockwise(self.own, node_id))
-        self._left.discard(clockwise(node_id, self.own))
-        self._update_limits()
-        return True
-
-    def covers(self, key: int) -> bool:
-        """Is ``key`` between the two outermost members (so a member or ``own`` owns it)?"""
-        if self._right_limit == _NO_LIMIT or self._left_limit == _NO_LIMIT:
-            return True  # a side is short: we know every node there is
-        if len(self._members) < 2 * self.half:
-            return True  # the sides overlap: this leaf set is the whole ring
-        own = self.own
-        return (key - own) % _ID_SPACE <= self._right_limit or (
-            own - key
-        ) % _ID_SPACE <= self._left_limit
-
-    def closest(self, key: int, exclude: int | None = None) -> int:
-        """The member or ``own`` responsible for ``key``, never ``exclude``.
-
-        :func:`overlay.ids.closer` inlined: this runs on every routing step.
-        """
-        best = self.own
-        best_distance = ring_distance(key, best)
-        for node_id in self._members:
-            distance = (node_id - key) % _ID_SPACE
-            if distance > _HALF:
-                distance = _ID_SPACE - distance
-            if (
-                distance < best_distance or (distance == best_distance and node_id < best)
-            ) and node_id != exclude:
-                best, best_distance = node_id, distance
-        return best
-
-    def right(self) -> list[int]:
-        """Successors, nearest first."""
-        return [self._right_id(d) for d in self._right]
-
-    def left(self) -> list[int]:
-        """Predecessors, nearest first."""
-        return [self._left_id(d) for d in self._left]
-
-    def _right_id(self, distance: int) -> int:
-        return (self.own + distance) % _ID_SPACE
-
-    def _left_id(self, distance: int) -> int:
-        return (self.own - distance) % _ID_SPACE
-
-    def _holds(self, node_id: int) -> bool:
-        return (
-            clockwise(self.own, node_id) in self._right
-            or clockwise(node_id, self.own) in self._left
-        )
-
-    def _update_limits(self) -> None:
-        half = self.half
-        self._right_limit = self._right[-1] if len(self._right) >= half else _NO_LIMIT
-        self._left_limit = self._left[-1] if len(self._left) >= half else _NO_LIMIT
-
-
-class RoutingTable:
-    """Row ``r`` holds nodes sharing ``r`` digits with ``own``, one per next digit.
-
-    Proximity-neutral, with a twist: each slot prefers the node closest to a
-    target of its own, ``own`` with digit ``r`` replaced by the slot's digit.
-    Keeping whichever node came first would put the network's oldest nodes in
-    almost every table (measured: one node in 888 of 1,000 tables), and each
-    table entry is pinged every second. Per-node targets spread that load
-    evenly (at most about four times the mean), and a slot changes only when a
-    strictly better node is heard from directly, so tables still settle.
-    Second-hand hints are probed only for empty slots: chasing every better
-    candidate would cost more messages than the balance is worth. Rows are
-    allocated when first used: a 10,000-node network needs four of the 32.
-    """
-
-    def __init__(self, own: int) -> None:
-        self.own = own
-        self._rows: dict[int, list[int | None]] = {}
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __contains__(self, node_id: int) -> bool:
-        if node_id == self.own:
-            return False
-        row = shared_prefix_digits(self.own, node_id)
-        cells = self._rows.get(row)
-        return cells is not None and cells[digit(node_id, row)] == node_id
-
-    def __iter__(self) -> Iterator[int]:
-        for cells in self._rows.values():
-            for node_id in cells:
-                if node_id is not None:
-                    yield node_id
-
-    def get(self, row: int, column: int) -> int | None:
-        cells = self._rows.get(row)
-        return None if cells is None else cells[column]
-
-    def row(self, row: int) -> list[int]:
-        cells = self._rows.get(row)
-        return [] if cells is None else [n for n in cells if n is not None]
-
-    def rows(self) -> dict[int, list[int]]:
-        return {r: self.row(r) for r in sorted(self._rows) if self.row(r)}
-
-    def accepts(self, node_id: int) -> bool:
-        """Is the slot for ``node_id`` empty, or held by a node farther from its target?
-
-        (:func:`shared_prefix_digits` and :func:`digit` inlined: this runs for
-        every message from a stranger.)
-        """
-        own = self.own
-        differing = own ^ node_id
-        if not differing:
-            return False
-        row = (ID_BITS - differing.bit_length()) // DIGIT_BITS
-        cells = self._rows.get(row)
-        if cells is None:
-            return True
-        shift = ID_BITS - DIGIT_BITS * (row + 1)
-        column = (node_id >> shift) & _DIGIT_MASK
-        holder = cells[column]
-        if holder is None:
-            return True
-        if holder == node_id:
-            return False
-        target = own ^ ((((own >> shift) & _DIGIT_MASK) ^ column) << shift)
-        return closer(target, node_id, holder)
-
-    def is_empty_for(self, node_id: int) -> bool:
-        """Is the slot where ``node_id`` would go empty?"""
-        if node_id == self.own:
-            return False
-        row = shared_prefix_digits(self.own, node_id)
-        cells = self._rows.get(row)
-        return cells is None or cells[digit(node_id, row)] is None
-
-    def add(self, node_id: int) -> int | None:
-        """Put ``node_id`` in its slot (the caller checked :meth:`accepts`).
-
-        Returns the node it displaced, if any.
-        """
-        row = shared_prefix_digits(self.own, node_id)
-        cells = self._rows.get(row)
-        if cells is None:
-            cells = self._rows[row] = [None] * BASE
-        column = digit(node_id, row)
-        displaced = cells[column]
-        cells[column] = node_id
-        if displaced is None:
-            self._count += 1
-        return displaced
-
-    def remove(self, node_id: int) -> int | None:
-        """Empty ``node_id``'s slot; returns its row, or None if it was not here."""
-        if node_id not in self:
-            return None
-        row = shared_prefix_digits(self.own, node_id)
-        self._rows[row][digit(node_id, row)] = None
-        self._count -= 1
-        return row
-
-
 class _Peer:
     """What this node knows about one node in its leaf set or routing table."""
 
@@ -541,7 +111,7 @@ class _Peer:
 _State = Literal["new", "joining", "ready", "left"]
 
 
-class PastryNode:
+class PastryCore:
     """One node's Pastry state machine (see the module docstring for the rules)."""
 
     def __init__(
@@ -575,6 +145,8 @@ class PastryNode:
         self._next_maintenance = math.inf
         self._wake = math.inf
         """Earliest time a peer can turn dead, as of the last scan."""
+        self._leaf_moved = False
+        """The leaf set's membership changed during the current input."""
 
     # ----------------------------------------------------------------------------
     # Inputs
@@ -582,7 +154,7 @@ class PastryNode:
     def start(self, now: float, bootstrap: Iterable[NodeRef] = ()) -> list[Effect]:
         """Begin: alone if ``bootstrap`` is empty (a one-node overlay), else join through it."""
         if self._state != "new":
-            raise RuntimeError("PastryNode.start called twice")
+            raise RuntimeError("PastryCore.start called twice")
         config = self.config
         self._next_tick = now + self._rng.uniform(0.0, config.heartbeat_interval)
         self._next_probe_round = self._next_tick
@@ -600,6 +172,13 @@ class PastryNode:
         """A message from ``src_id`` (as authenticated by the link) arrived."""
         if self._state == "new" or self._state == "left":
             return []
+        effects = self._handle(src_id, message, now)
+        if self._leaf_moved:
+            self._leaf_moved = False
+            effects.append(LeafSetChanged())
+        return effects
+
+    def _handle(self, src_id: int, message: object, now: float) -> list[Effect]:
         peer = self._peers.get(src_id)
         if type(message) is Heartbeat:  # most traffic: one lookup, no detours
             return self._on_heartbeat(src_id, peer, message, now)
@@ -609,7 +188,7 @@ class PastryNode:
             peer.suspect = False
         effects: list[Effect] = []
         if isinstance(message, Route):
-            self._route(message, now, effects, originated=False)
+            self._route(message, now, effects, src_id)
         elif isinstance(message, LeafSetRequest):
             self._learn(src_id, message.address, now, effects)
             reply = LeafSetReply(self.address, self._leaf_version, self._leaf_refs())
@@ -665,6 +244,9 @@ class PastryNode:
                 self._send_join(now, effects)
             if now >= self._next_maintenance:
                 self._maintain(now, effects)
+        if self._leaf_moved:
+            self._leaf_moved = False
+            effects.append(LeafSetChanged())
         return effects
 
     def next_deadline(self) -> float | None:
@@ -673,22 +255,32 @@ class PastryNode:
         return min(self._next_tick, self._wake)
 
     def route(
-        self, key: int, payload: bytes, now: float, *, intercept: bool = False
+        self,
+        key: int,
+        message: object,
+        now: float,
+        *,
+        intercept: bool = False,
+        avoid: int | None = None,
     ) -> list[Effect]:
-        """Send ``payload`` to the node responsible for ``key`` (maybe this one)."""
+        """Send ``message`` to the node responsible for ``key`` (maybe this one).
+
+        ``avoid``: a peer the first hop must not be (Scribe routes around a tree
+        parent it believes dead before Pastry has noticed).
+        """
         if self._state == "left":
             return []
-        message = Route(check_id(key), self.node_id, self.address, 0, intercept, payload)
+        route = Route(check_id(key), self.node_id, self.address, 0, intercept, message)
         effects: list[Effect] = []
-        self._route(message, now, effects, originated=True)
+        self._route(route, now, effects, None, avoid)
         return effects
 
-    def forward(self, message: Route, now: float) -> list[Effect]:
-        """Continue a message handed up by :class:`Intercept` (possibly with a new payload)."""
+    def forward(self, route: Route, now: float) -> list[Effect]:
+        """Continue a message handed up by :class:`Intercept` (possibly with a new message)."""
         if self._state == "left":
             return []
         effects: list[Effect] = []
-        self._route(message, now, effects, originated=True)
+        self._route(route, now, effects, None)
         return effects
 
     def join_via(self, ref: NodeRef, now: float) -> list[Effect]:
@@ -721,6 +313,9 @@ class PastryNode:
             return []
         effects: list[Effect] = []
         self._learn(peer_id, address, now, effects)
+        if self._leaf_moved:
+            self._leaf_moved = False
+            effects.append(LeafSetChanged())
         return effects
 
     def link_down(self, peer_id: int, now: float) -> list[Effect]:
@@ -819,30 +414,30 @@ class PastryNode:
         best = best_prefixed if best_prefixed != own else best_any
         return None if best == own else best
 
-    def _route(self, message: Route, now: float, effects: list[Effect], originated: bool) -> None:
-        nxt = self._next_hop(message.key, None)
+    def _route(
+        self,
+        route: Route,
+        now: float,
+        effects: list[Effect],
+        src_id: int | None,
+        avoid: int | None = None,
+    ) -> None:
+        """One step of ``route``; ``src_id`` is the previous hop (None: from this node)."""
+        nxt = self._next_hop(route.key, avoid)
         if nxt is None:
-            effects.append(
-                Deliver(
-                    message.key,
-                    message.payload,
-                    message.hops,
-                    message.origin_id,
-                    message.origin_address,
-                )
-            )
-        elif message.intercept and not originated:
-            effects.append(Intercept(message, nxt))
-        elif message.hops >= self.config.max_hops:
-            effects.append(Dropped(message, "hop limit"))
+            effects.append(Deliver(route))
+        elif route.intercept and src_id is not None:
+            effects.append(Intercept(route, src_id, nxt))
+        elif route.hops >= self.config.max_hops:
+            effects.append(Dropped(route, "hop limit"))
         else:
             forwarded = Route(
-                message.key,
-                message.origin_id,
-                message.origin_address,
-                message.hops + 1,
-                message.intercept,
-                message.payload,
+                route.key,
+                route.origin_id,
+                route.origin_address,
+                route.hops + 1,
+                route.intercept,
+                route.message,
             )
             effects.append(Send(nxt, self._peers[nxt].address, forwarded))
 
@@ -920,6 +515,7 @@ class PastryNode:
         if self._leaf.accepts(node_id):
             evicted = self._leaf.add(node_id)
             self._leaf_changed()
+            self._leaf_moved = True
             for gone in evicted or ():
                 self._forget(gone, effects)
 
@@ -1098,6 +694,7 @@ class PastryNode:
             effects.append(PeerDead(p, reason))
         if leaf_hit:
             self._leaf_changed()
+            self._leaf_moved = True
         if leaf_hit or rows:
             for p in list(self._peers):  # refill from peers we already know are alive
                 if p in self._peers:

@@ -178,7 +178,7 @@ async def test_a_vanished_node_is_routed_around(cluster: Cluster) -> None:
     # Like SIGKILL: the sockets just close, no goodbye.
     for link in list(victim.overlay.links.links.values()):
         link.transport.abortConnection()
-    victim.overlay.pastry = None
+    victim.overlay.stack = victim.overlay.pastry = None
     victim.overlay._timer.stop()
     await victim.overlay.links.stop()
     started = reactor.seconds()
@@ -196,9 +196,13 @@ async def test_a_vanished_node_is_routed_around(cluster: Cluster) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_lookup_nobody_answers_times_out_and_is_forgotten(cluster: Cluster) -> None:
+async def test_a_lookup_nobody_answers_times_out_and_is_forgotten(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
     node = await cluster.start()
-    node.overlay._deliver = lambda effect: None  # the answer gets lost on the way
+    lookups = node.overlay._lookup
+    assert lookups is not None
+    monkeypatch.setattr(lookups, "upcall", lambda event, now: ())  # the probe gets lost
     started = reactor.seconds()
     with pytest.raises(TimeoutError):
         await node.overlay.lookup(12345, timeout=0.2)

@@ -1,9 +1,11 @@
-"""One node's overlay: links, discovery and Pastry, wired together on a reactor.
+"""One node's overlay as a Twisted service: links, discovery and the pure overlay stack.
 
-:class:`OverlayNode` owns a :class:`~overlay.link_twisted.LinkService` (authenticated,
+:class:`OverlayService` owns a :class:`~overlay.link_twisted.LinkService` (authenticated,
 encrypted links), optionally a :class:`~overlay.discovery_twisted.MulticastDiscovery`
-(LAN beacons), and a pure :class:`~overlay.pastry.PastryNode`. It turns the core's
-effects into link traffic and link events into core input:
+(LAN beacons), and a pure :class:`~overlay.stack.OverlayStack`: Pastry plus the layers
+above it (lookups always; Scribe and messaging as the composition root adds them). It
+turns the stack's effects into link traffic and link events into stack input, with one
+timer for the whole stack:
 
 * ``Send`` goes over the link to that peer; with no link yet, the message waits
   (bounded) while the peer is dialled, and is dropped if no link comes up in time.
@@ -13,6 +15,8 @@ effects into link traffic and link events into core input:
   ("dial only when the overlay needs it").
 * ``lookup(key)`` routes a probe to the node responsible for ``key`` and returns
   its id: what ``irisnode lookup`` and the LAN tests use to check routing.
+* Effects of the upper layers that are meant for the application (Scribe's
+  deliveries, for example) go to the ``upcalls`` callable the owner passed in.
 
 Peer addresses inside Pastry are opaque bytes; here they are ``"PORT HOST HOST..."``
 in ASCII: the link port and the addresses the node can be reached on. IPv6
@@ -29,36 +33,35 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 
-from overlay import wire
 from overlay.discovery import PeerForgotten, PeerSeen, SeedCandidate
 from overlay.identity import Credentials, NetworkKey
 from overlay.ids import format_id
 from overlay.link_twisted import Link, LinkService, describe_address
+from overlay.lookup import LookupAnswered, LookupCore
 from overlay.pastry import (
     Deliver,
     Dropped,
-    Effect,
-    Intercept,
+    LeafSetChanged,
     NodeRef,
     PastryConfig,
-    PastryNode,
+    PastryCore,
     PeerDead,
     Ready,
     Send,
 )
+from overlay.stack import OverlayStack, UpperLayer
 from overlay.timer import DeadlineTimer
+from overlay.wire import MessageRegistry, WireError
 
 log = Logger(namespace="irisnode.overlay")
 
 Entropy = Callable[[int], bytes]
-
-_LOOKUP = 0
-_FOUND = 1
+UpperLayers = Callable[[PastryCore], Sequence[UpperLayer]]
+"""Builds the layers above Pastry and lookups (Scribe, messaging) once Pastry exists."""
 
 
 def encode_address(port: int, hosts: Sequence[str]) -> bytes:
@@ -110,7 +113,7 @@ class _Dialling:
     give_up: IDelayedCall | None = None
 
 
-class OverlayNode:
+class OverlayService:
     """The overlay of one node (see the module docstring)."""
 
     def __init__(
@@ -120,20 +123,28 @@ class OverlayNode:
         credentials: Credentials,
         config: OverlayConfig,
         *,
+        registry: MessageRegistry,
         rng: random.Random,
         entropy: Entropy,
+        upper_layers: UpperLayers = lambda pastry: (),
+        upcalls: Callable[[object], None] = lambda effect: None,
     ) -> None:
         self.reactor = reactor
         self.network = network
         self.credentials = credentials
         self.config = config
+        self.registry = registry
         self._rng = rng
         self._entropy = entropy
+        self._upper_layers = upper_layers
+        self._upcalls = upcalls
         self.node_id = credentials.identity.node_id
         self.links = LinkService(reactor, reactor, credentials, self, entropy=entropy, rng=rng)
         self.discovery: Any = None  # a MulticastDiscovery, see attach_discovery
         self._discovery_core: Any = None
-        self.pastry: PastryNode | None = None
+        self.stack: OverlayStack | None = None
+        self.pastry: PastryCore | None = None
+        self._lookup: LookupCore | None = None
         self.address = b""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self._listener: IListeningPort | None = None
@@ -141,7 +152,6 @@ class OverlayNode:
         self._heard_at: dict[int, tuple[str, int]] = {}  # where discovery heard a peer
         self._joined_via: int | None = None
         self._lookups: dict[int, Deferred[int]] = {}
-        self._next_lookup = 0
         self.started_at = 0.0
         self.ready_at: float | None = None
 
@@ -155,8 +165,10 @@ class OverlayNode:
         port = int(bound.port)
         hosts = self.config.advertised_hosts or (bound.host,)
         self.address = encode_address(port, hosts)
-        self.pastry = PastryNode(self.node_id, self.address, self._rng, self.config.pastry)
-        self._apply(self.pastry.start(self.reactor.seconds()))
+        pastry = self.pastry = PastryCore(self.node_id, self.address, self._rng, self.config.pastry)
+        self._lookup = LookupCore(self.node_id)
+        self.stack = OverlayStack(pastry, (self._lookup, *self._upper_layers(pastry)))
+        self._apply(self.stack.start(self.reactor.seconds()))
 
     @property
     def link_port(self) -> int:
@@ -168,7 +180,7 @@ class OverlayNode:
     async def stop(self) -> None:
         """Say goodbye to the leaf set (so it repairs at once), then close everything."""
         if self.pastry is not None:
-            self._apply(self.pastry.leave(self.reactor.seconds()))
+            self._run(self.pastry.leave(self.reactor.seconds()))
         self._timer.stop()
         for dialling in self._dialling.values():
             if dialling.give_up is not None and dialling.give_up.active():
@@ -212,9 +224,9 @@ class OverlayNode:
         now = self.reactor.seconds()
         if self._joined_via is None:
             self._joined_via = ref.node_id
-            self._apply(pastry.join_via(ref, now))
+            self._run(pastry.join_via(ref, now))
         else:
-            self._apply(pastry.hint([ref], now))
+            self._run(pastry.hint([ref], now))
 
     # -- links (LinkHandler) -------------------------------------------------------------
 
@@ -230,7 +242,7 @@ class OverlayNode:
         if dialling is not None:
             # We dialled it, so we know where it listens: first-hand knowledge.
             address = encode_address(dialling.port, [dialling.host.partition("%")[0]])
-            self._apply(pastry.link_up(peer, address, self.reactor.seconds()))
+            self._run(pastry.link_up(peer, address, self.reactor.seconds()))
             for data in dialling.queue:
                 link.send(data)
         elif link.initiated_locally and self._joined_via is None:
@@ -242,40 +254,44 @@ class OverlayNode:
 
     def frame_received(self, link: Link, data: bytes) -> None:
         peer = link.peer_node_id
-        pastry = self.pastry
-        if peer is None or pastry is None:
+        stack = self.stack
+        if peer is None or stack is None:
             return
         try:
-            message = wire.decode(data)
-        except wire.WireError as error:
+            message = self.registry.decode(data)
+        except WireError as error:
             log.warn("dropping link to {peer}: {reason}", peer=format_id(peer), reason=str(error))
             link.close()
             return
-        self._apply(pastry.handle(peer, message, self.reactor.seconds()))
+        self._apply(stack.handle(peer, message, self.reactor.seconds()))
 
     def link_lost(self, link: Link, reason: str) -> None:
         peer = link.peer_node_id
         if peer is not None and self.pastry is not None:
-            self._apply(self.pastry.link_down(peer, self.reactor.seconds()))
+            self._run(self.pastry.link_down(peer, self.reactor.seconds()))
 
-    # -- Pastry effects ------------------------------------------------------------------
+    # -- the stack's effects ---------------------------------------------------------------
 
     def _on_timer(self, now: float) -> float | None:
-        pastry = self.pastry
-        if pastry is None:
+        stack = self.stack
+        if stack is None:
             return None
-        self._apply(pastry.on_timer(now), rearm=False)
-        return pastry.next_deadline()
+        self._apply(stack.on_timer(now), rearm=False)
+        return stack.next_deadline()
 
-    def _apply(self, effects: list[Effect], rearm: bool = True) -> None:
+    def _run(self, effects: Sequence[object]) -> None:
+        """Effects of a direct call into Pastry or a layer: through the stack first."""
+        assert self.stack is not None
+        self._apply(self.stack.run(effects, self.reactor.seconds()))
+
+    def _apply(self, effects: Sequence[object], rearm: bool = True) -> None:
         for effect in effects:
-            if isinstance(effect, Send):
-                self._send(effect.dst_id, effect.dst_address, wire.encode(effect.message))
-            elif isinstance(effect, Deliver):
-                self._deliver(effect)
-            elif isinstance(effect, Intercept):
-                assert self.pastry is not None
-                self._apply(self.pastry.forward(effect.message, self.reactor.seconds()))
+            if type(effect) is Send:
+                self._send(effect.dst_id, effect.dst_address, self.registry.encode(effect.message))
+            elif type(effect) is LookupAnswered:
+                pending = self._lookups.pop(effect.nonce, None)
+                if pending is not None:
+                    pending.callback(effect.owner)
             elif isinstance(effect, PeerDead):
                 log.info(
                     "peer {peer} is gone ({why})", peer=format_id(effect.peer_id), why=effect.reason
@@ -285,8 +301,16 @@ class OverlayNode:
                 self.ready_at = self.reactor.seconds()
             elif isinstance(effect, Dropped):
                 log.debug("routed message dropped: {reason}", reason=effect.reason)
-        if rearm and self.pastry is not None:
-            self._timer.wake(self.pastry.next_deadline())
+            elif isinstance(effect, Deliver):
+                log.debug(
+                    "routed {kind} from {origin} has no layer to take it",
+                    kind=type(effect.route.message).__name__,
+                    origin=format_id(effect.route.origin_id),
+                )
+            elif not isinstance(effect, LeafSetChanged):
+                self._upcalls(effect)
+        if rearm and self.stack is not None:
+            self._timer.wake(self.stack.next_deadline())
 
     def _send(self, peer: int, address: bytes, data: bytes) -> None:
         link = self.links.links.get(peer)
@@ -344,46 +368,21 @@ class OverlayNode:
 
     def lookup(self, key: int, timeout: float | None = None) -> Deferred[int]:
         """The id of the node responsible for ``key``, found by routing to it."""
-        assert self.pastry is not None
-        self._next_lookup += 1
-        nonce = self._next_lookup
+        assert self._lookup is not None
+        nonce, effects = self._lookup.lookup(key)
 
         def forget(_: object) -> None:
             self._lookups.pop(nonce, None)
 
         result: Deferred[int] = Deferred(forget)
         self._lookups[nonce] = result
-        self._apply(self.pastry.route(key, msgpack.packb([_LOOKUP, nonce]), self.reactor.seconds()))
+        self._run(effects)
 
         def timed_out(outcome: object, seconds: float) -> int:
             raise TimeoutError(f"no answer for key {format_id(key)} within {seconds} s")
 
         delay = self.config.lookup_timeout if timeout is None else timeout
         return result.addTimeout(delay, self.reactor, onTimeoutCancel=timed_out)
-
-    def _deliver(self, effect: Deliver) -> None:
-        try:
-            message = msgpack.unpackb(effect.payload, max_bin_len=64, max_array_len=4)
-            kind = message[0]
-        except Exception:
-            log.warn("undecodable routed message from {origin}", origin=format_id(effect.origin_id))
-            return
-        assert self.pastry is not None
-        now = self.reactor.seconds()
-        if kind == _LOOKUP and len(message) == 2:
-            answer = msgpack.packb([_FOUND, message[1], self.node_id.to_bytes(16, "big")])
-            if effect.origin_id == self.node_id:
-                self._found(answer)
-            else:
-                self._apply(self.pastry.route(effect.origin_id, answer, now))
-        elif kind == _FOUND and len(message) == 3:
-            self._found(effect.payload)
-
-    def _found(self, payload: bytes) -> None:
-        _, nonce, owner = msgpack.unpackb(payload)
-        pending = self._lookups.pop(nonce, None)
-        if pending is not None:
-            pending.callback(int.from_bytes(owner, "big"))
 
     # -- status ------------------------------------------------------------------------
 

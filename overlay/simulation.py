@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
-from overlay.ids import closest, random_id
-from overlay.pastry import NodeRef, PastryConfig, PastryCore, Ready, Send
+from overlay.ids import BASE, DIGIT_BITS, ID_BITS, ID_DIGITS, closest, digit, random_id
+from overlay.pastry import NodeRef, PastryConfig, PastryCore, Ready, Route, Send
 from overlay.simclock import HeapClock, Timer
 from overlay.wire import MessageRegistry
 
@@ -102,6 +104,17 @@ def _as_pastry(core: SimCore) -> PastryCore:
     return pastry
 
 
+def _link_up_all(
+    pastry: PastryCore, refs: list[NodeRef], core: SimCore, now: float
+) -> Sequence[object]:
+    """First-hand contact with every ref, through ``core`` if it is a stack above Pastry."""
+    effects: list[object] = []
+    for ref in refs:
+        effects += pastry.link_up(ref.node_id, ref.address, now)
+    run = getattr(core, "run", None)
+    return effects if run is None else run(effects, now)
+
+
 _MAX_FIRES_AT_ONE_TIME = 1000
 _IN_FLIGHT_SWEEP = 64
 
@@ -150,6 +163,8 @@ class SimNetwork:
         self.trace: list[tuple[float, int, int, str]] | None = [] if record_trace else None
         self.messages_sent = 0
         self.messages_lost = 0
+        self.message_counts: Counter[type] = Counter()
+        """Messages sent, by type (a routed message by the type it carries)."""
 
     # ----------------------------------------------------------------------------
     # Building the network
@@ -307,6 +322,8 @@ class SimNetwork:
 
     def _send(self, src: int, node: _SimNode, effect: Send) -> None:
         self.messages_sent += 1
+        carried = effect.message
+        self.message_counts[type(carried.message if type(carried) is Route else carried)] += 1
         dst = self.nodes.get(effect.dst_id)
         if dst is None or effect.dst_address != dst.address:
             raise SimulationError(f"send to an unknown id or a wrong address: {effect.dst_id:032x}")
@@ -373,6 +390,38 @@ class SimNetwork:
 
     # ----------------------------------------------------------------------------
     # Pastry helpers and the oracle
+
+    def start_all_prefilled(self) -> None:
+        """Start every node not yet started with its state already built, by an oracle.
+
+        Each node starts alone, then is told of (``link_up``: first-hand contact)
+        its true leaf set and, for each routing-table slot, a random node that
+        fits it. Joining ten thousand nodes one by one costs minutes of wall time
+        and proves nothing the join tests do not; experiments above Pastry
+        (Scribe, messaging) start from here and let Pastry settle for a moment.
+        """
+        fresh = [n for n, node in self.nodes.items() if not node.started and node.alive]
+        for node_id in fresh:
+            self.start(node_id)
+        members = self._members
+        for node_id in fresh:
+            left, right = self.expected_leaf_set(node_id)
+            known = dict.fromkeys([*left, *right])
+            for row in range(ID_DIGITS):
+                width = ID_BITS - DIGIT_BITS * row  # bits below the row's shared prefix
+                base = node_id >> width << width
+                if members.bisect_left(base + (1 << width)) - members.bisect_left(base) <= 1:
+                    break  # nobody else shares this prefix: no deeper row holds anyone
+                own_digit = digit(node_id, row)
+                step = 1 << (width - DIGIT_BITS)
+                for column in range(BASE):
+                    if column != own_digit:
+                        low = base + column * step
+                        first, last = members.bisect_left(low), members.bisect_left(low + step)
+                        if first < last:
+                            known[members[self.picker.randrange(first, last)]] = None
+            refs = [self.ref(peer) for peer in known if peer != node_id]
+            self.inject(node_id, partial(_link_up_all, self.pastry(node_id), refs))
 
     def join_all(
         self, *, one_by_one: bool = True, interval: float = 0.01, ready_timeout: float = 30.0

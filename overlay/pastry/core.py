@@ -357,9 +357,10 @@ class PastryCore:
     def has_left(self) -> bool:
         return self._state == "left"
 
-    def next_hop(self, key: int) -> int | None:
-        """Where a message for ``key`` goes from here; None: this node is responsible."""
-        return self._next_hop(key, None)
+    def next_hop(self, key: int, avoid: int | None = None) -> int | None:
+        """Where a message for ``key`` goes from here (never ``avoid``); None: this node
+        is responsible."""
+        return self._next_hop(key, avoid)
 
     def address_of(self, peer_id: int) -> Address | None:
         peer = self._peers.get(peer_id)

@@ -1,0 +1,136 @@
+"""One node's view of one Scribe tree: its parent, its children, what it has delivered."""
+
+from __future__ import annotations
+
+import math
+
+from overlay.pastry import Address
+
+ANYCAST_TO_PARENT = -1
+"""The option "send it up" among an anycast's choices (ids are never negative)."""
+ANYCAST_HERE = -2
+"""The option "this node's own members"."""
+ANYCAST_FROM_PARENT = -3
+"""An anycast that came down from the parent (as a way in, for the tallies)."""
+
+
+class Child:
+    __slots__ = ("address", "heard", "redirected", "subtree")
+
+    def __init__(
+        self, address: Address, heard: float, subtree: float, redirected: bool = False
+    ) -> None:
+        self.address = address
+        self.heard = heard
+        self.subtree = subtree
+        """Capacity of the member nodes in the child's subtree, as it last reported."""
+        self.redirected = redirected
+        """It came because our parent pushed it down, not because its route led here."""
+
+
+class Group:
+    """Tree state for one group key at one node.
+
+    A node is *in* the tree while it has local members (``member``) or children;
+    it then has a parent, or is the root, or is looking for a parent (``joining``).
+    """
+
+    __slots__ = (
+        "avoid",
+        "avoid_until",
+        "capacity",
+        "children",
+        "credits",
+        "depth",
+        "joining",
+        "key",
+        "member",
+        "outside",
+        "parent",
+        "parent_address",
+        "parent_heard",
+        "reported_outside",
+        "reported_subtree",
+        "root",
+        "seen",
+        "subscribed_at",
+    )
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.member = False
+        self.capacity = 0.0
+        """This node's own capacity for anycasts (meaningful while ``member``)."""
+        self.parent: int | None = None
+        self.parent_address = b""
+        self.parent_heard = -math.inf
+        self.root = False
+        self.joining = False
+        self.subscribed_at = -math.inf
+        self.avoid: int | None = None
+        """A parent given up as dead: routes around it until Pastry agrees..."""
+        self.avoid_until = -math.inf
+        """...or until then, in case it was only slow."""
+        self.depth = 0
+        self.outside = 0.0
+        """Capacity of the tree outside this node's subtree, as the parent last said."""
+        self.children: dict[int, Child] = {}
+        self.credits: dict[int | None, dict[int, float]] = {}
+        """Smooth weighted round robin state for anycast choices: per way an anycast
+        came in (None: it started here; a child; :data:`ANYCAST_FROM_PARENT`), by option."""
+        self.seen: dict[tuple[int, int], tuple[int, float]] = {}
+        """(origin, incarnation) -> (highest multicast seq delivered, when)."""
+        self.reported_subtree = 0.0
+        """The subtree capacity last sent to the parent."""
+        self.reported_outside: dict[int, float] = {}
+        """The outside capacity last sent to each child."""
+
+    @property
+    def in_tree(self) -> bool:
+        return self.member or bool(self.children)
+
+    @property
+    def own_capacity(self) -> float:
+        return self.capacity if self.member else 0.0
+
+    def subtree(self) -> float:
+        """Capacity of this node and everything below it."""
+        return self.own_capacity + sum(child.subtree for child in self.children.values())
+
+    def outside_for(self, child: Child) -> float:
+        """Capacity of the tree outside ``child``'s subtree, seen from ``child``."""
+        return self.outside + self.subtree() - child.subtree
+
+    def choose(self, came_from: int | None, options: dict[int, float]) -> int:
+        """Smooth weighted round robin: each option in proportion to its weight.
+
+        Deterministic, and at most one pick away from the exact proportion at any
+        time, so even a few anycasts spread evenly. Anycasts that came in different
+        ways have different options, so each way keeps its own tally.
+        """
+        credits = self.credits.setdefault(came_from, {})
+        if len(credits) != len(options) or not credits.keys() <= options.keys():
+            for stale in [option for option in credits if option not in options]:
+                del credits[stale]
+        total = 0.0
+        best = ANYCAST_HERE
+        best_credit = -math.inf
+        for option, weight in options.items():
+            credit = credits.get(option, 0.0) + weight
+            credits[option] = credit
+            total += weight
+            if credit > best_credit:
+                best, best_credit = option, credit
+        credits[best] -= total
+        return best
+
+
+def material_change(old: float, new: float) -> bool:
+    """Worth telling a neighbour now rather than at the next beat?
+
+    A node that gains or loses all capacity, or whose capacity moves by more
+    than half, matters to anycast choices at once; smaller drifts wait.
+    """
+    if (old == 0.0) != (new == 0.0):
+        return True
+    return abs(new - old) > 0.5 * max(old, new)

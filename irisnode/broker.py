@@ -155,6 +155,48 @@ class Broker:
     def endpoints(self) -> int:
         return len(self._attachments)
 
+    # -- what the messaging core asks about local interest ------------------------------
+
+    @property
+    def confirm_seconds(self) -> float:
+        return self._confirm_seconds
+
+    def clusters(self) -> list[str]:
+        """Clusters with members (or requests waiting for one) here."""
+        return list(self._clusters)
+
+    def topics(self) -> list[str]:
+        """Topics with subscribers here."""
+        return list(self._topics)
+
+    def members(self, cluster: str) -> int:
+        group = self._clusters.get(cluster)
+        return 0 if group is None else len(group.members)
+
+    def interests(self, endpoint: Endpoint) -> tuple[str, frozenset[str]]:
+        """The cluster ``endpoint`` is a member of (or "") and the topics it follows."""
+        attachment = self._attachments.get(endpoint)
+        if attachment is None:
+            return "", frozenset()
+        return attachment.cluster, frozenset(attachment.topics)
+
+    def capacity(self, cluster: str) -> float:
+        """How much more work this node's members of ``cluster`` can take, roughly.
+
+        Each member counts 1 when idle and less the more requests it has in hand
+        (1 / (1 + outstanding)); a member that is not reading what it is sent
+        counts a tenth of that. Other nodes weigh their anycasts by it, so a busy
+        member here loses to an idle one elsewhere.
+        """
+        group = self._clusters.get(cluster)
+        if group is None:
+            return 0.0
+        total = 0.0
+        for member in group.members:
+            share = 1.0 / (1 + len(member.assigned))
+            total += share * 0.1 if member.endpoint.congested else share
+        return total
+
     # -- request / reply ----------------------------------------------------------
 
     def request(

@@ -10,12 +10,15 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from overlay import lookup, pastry
+from irisnode.messaging import messages as messaging_messages
+from irisnode.messaging.core import MessagingCore
+from overlay import lookup, pastry, scribe
 from overlay.discovery import Discovery, DiscoveryConfig, parse_seed
 from overlay.discovery_twisted import DEFAULT_PORT, MulticastDiscovery, MulticastSockets
 from overlay.identity import Credentials, NetworkKey, NodeIdentity
 from overlay.interfaces import list_interfaces, select_interfaces
 from overlay.service import OverlayConfig, OverlayService
+from overlay.stack import UpperLayer
 from overlay.wire import MessageRegistry
 
 if TYPE_CHECKING:
@@ -39,13 +42,18 @@ def _reachable_hosts(interfaces: tuple[Any, ...]) -> tuple[str, ...]:
 def message_registry() -> MessageRegistry:
     """Every node-to-node message this node speaks, from each family's ``register``."""
     registry = MessageRegistry()
-    for family in (pastry, lookup):
+    for family in (pastry, lookup, scribe, messaging_messages):
         family.register(registry)
     return registry
 
 
 def start_overlay(
-    reactor: Any, network: NetworkConfig, *, rng: random.Random, entropy: Entropy
+    reactor: Any,
+    network: NetworkConfig,
+    messaging: MessagingCore,
+    *,
+    rng: random.Random,
+    entropy: Entropy,
 ) -> OverlayService:
     """Start the overlay described by ``network`` and return it.
 
@@ -72,6 +80,12 @@ def start_overlay(
         advertised_hosts=tuple(advertised),
         scope_interface=scope,
     )
+    trees: list[scribe.ScribeCore] = []
+
+    def upper_layers(core: pastry.PastryCore) -> tuple[UpperLayer, ...]:
+        trees.append(scribe.ScribeCore(core.node_id, core.address, core, rng))
+        return trees[0], messaging
+
     node = OverlayService(
         reactor,
         key,
@@ -80,8 +94,10 @@ def start_overlay(
         registry=message_registry(),
         rng=rng,
         entropy=entropy,
+        upper_layers=upper_layers,
     )
     node.start()
+    node.run(messaging.attach_overlay(trees[0], node.address, reactor.seconds()))
     if interfaces:
         core = Discovery(
             key.beacon_key(),

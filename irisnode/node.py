@@ -24,6 +24,8 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
+from irisnode.messaging.core import MessagingCore
+from irisnode.messaging.service import MessagingService
 from overlay.timer import DeadlineTimer
 from relay.server import RelayFactory, RelayLimits, listen_loopback
 
@@ -86,11 +88,14 @@ class Node:
         """Called when the overlay cannot start (the CLI stops the process then)."""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self.broker = Broker(wake=self._timer.wake)
-        self.relay = RelayFactory(self.broker, reactor, config.relay_limits)
+        self.messaging = MessagingCore(self.broker)
+        self.messaging_service = MessagingService(self.messaging, reactor)
+        self.relay = RelayFactory(self.messaging_service, reactor, config.relay_limits)
         self._listeners: list[IListeningPort] = []
 
     def _on_timer(self, now: float) -> float | None:
         self.broker.on_timer(now)
+        self.messaging_service.flush()  # an expired offer from another node is answered
         return self.broker.next_deadline()
 
     def start(self) -> None:
@@ -112,7 +117,9 @@ class Node:
         from irisnode.network import start_overlay  # heavy imports: after the relay is up
 
         try:
-            self.overlay = start_overlay(self.reactor, network, rng=self.rng, entropy=self.entropy)
+            self.overlay = start_overlay(
+                self.reactor, network, self.messaging, rng=self.rng, entropy=self.entropy
+            )
         except Exception as error:
             log.error("cannot start the overlay: {error}", error=str(error))
             self.failed = error
@@ -120,6 +127,7 @@ class Node:
                 self.on_failure(error)
             return
         overlay = self.overlay
+        self.messaging_service.carry_out = overlay.run
         log.info(
             "overlay started: node {node_id} in network {network}, links on port {link_port}",
             node_id=f"{overlay.node_id:032x}",
@@ -153,7 +161,7 @@ class Node:
                 "dropped_deliveries": counters.dropped_deliveries,
                 "paused_reads": counters.paused_reads,
             },
-            "messaging": dict(self.broker.counters),
+            "messaging": {**self.broker.counters, **self.messaging.status()},
             "overlay": self.overlay.status() if self.overlay is not None else None,
         }
 
@@ -182,6 +190,7 @@ class Node:
             if stopped is not None:
                 await stopped
         self._listeners = []
+        self.messaging.shut_down()
         self.broker.shut_down()
         self.relay.shut_down(reason)
         self._timer.stop()

@@ -180,7 +180,7 @@ class OverlayService:
     async def stop(self) -> None:
         """Say goodbye to the leaf set (so it repairs at once), then close everything."""
         if self.pastry is not None:
-            self._run(self.pastry.leave(self.reactor.seconds()))
+            self.run(self.pastry.leave(self.reactor.seconds()))
         self._timer.stop()
         for dialling in self._dialling.values():
             if dialling.give_up is not None and dialling.give_up.active():
@@ -224,9 +224,9 @@ class OverlayService:
         now = self.reactor.seconds()
         if self._joined_via is None:
             self._joined_via = ref.node_id
-            self._run(pastry.join_via(ref, now))
+            self.run(pastry.join_via(ref, now))
         else:
-            self._run(pastry.hint([ref], now))
+            self.run(pastry.hint([ref], now))
 
     # -- links (LinkHandler) -------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class OverlayService:
         if dialling is not None:
             # We dialled it, so we know where it listens: first-hand knowledge.
             address = encode_address(dialling.port, [dialling.host.partition("%")[0]])
-            self._run(pastry.link_up(peer, address, self.reactor.seconds()))
+            self.run(pastry.link_up(peer, address, self.reactor.seconds()))
             for data in dialling.queue:
                 link.send(data)
         elif link.initiated_locally and self._joined_via is None:
@@ -268,7 +268,8 @@ class OverlayService:
     def link_lost(self, link: Link, reason: str) -> None:
         peer = link.peer_node_id
         if peer is not None and self.pastry is not None:
-            self._run(self.pastry.link_down(peer, self.reactor.seconds()))
+            assert self.stack is not None
+            self._apply(self.stack.link_down(peer, self.reactor.seconds()))
 
     # -- the stack's effects ---------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class OverlayService:
         self._apply(stack.on_timer(now), rearm=False)
         return stack.next_deadline()
 
-    def _run(self, effects: Sequence[object]) -> None:
+    def run(self, effects: Sequence[object]) -> None:
         """Effects of a direct call into Pastry or a layer: through the stack first."""
         assert self.stack is not None
         self._apply(self.stack.run(effects, self.reactor.seconds()))
@@ -376,7 +377,7 @@ class OverlayService:
 
         result: Deferred[int] = Deferred(forget)
         self._lookups[nonce] = result
-        self._run(effects)
+        self.run(effects)
 
         def timed_out(outcome: object, seconds: float) -> int:
             raise TimeoutError(f"no answer for key {format_id(key)} within {seconds} s")

@@ -68,7 +68,15 @@ class Received:
 
 L = TypeVar("L")
 
-Upcall = Deliver | Intercept | Received | PeerDead | LeafSetChanged
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    """Upcall: the link to ``peer_id`` failed (whatever was in flight on it is lost)."""
+
+    peer_id: int
+
+
+Upcall = Deliver | Intercept | Received | PeerDead | LinkDown | LeafSetChanged
 """Everything Pastry hands to the layers above it."""
 
 
@@ -132,6 +140,13 @@ class OverlayStack:
         if layer is None:
             return self.run(self.pastry.handle(src_id, message, now), now)
         return self.run(layer.upcall(Received(src_id, message), now), now)
+
+    def link_down(self, peer_id: int, now: float) -> list[object]:
+        """The link layer lost its link to ``peer_id``: Pastry and every layer hear of it."""
+        effects: list[object] = list(self.pastry.link_down(peer_id, now))
+        for layer in self.layers:
+            effects += layer.upcall(LinkDown(peer_id), now)
+        return self.run(effects, now)
 
     def on_timer(self, now: float) -> list[object]:
         effects: list[object] = []

@@ -29,12 +29,16 @@ from irisnode import tunnel
 from irisnode.api import DEFAULT_CHUNK_LIMIT, TUNNEL_CONFIRM_SECONDS, Endpoint, TunnelEnd
 
 _CONGESTION_PENALTY = 1 << 30
+UNMEASURED_SERVICE = 0.01
+"""Service time assumed for a member that has not answered yet (seconds)."""
+MIN_SERVICE = 0.0001
+"""Faster answers count as this fast (a ceiling on one member's weight)."""
 
 
 class _Attachment:
     """Broker-side state of one endpoint."""
 
-    __slots__ = ("alive", "assigned", "cluster", "endpoint", "topics")
+    __slots__ = ("alive", "assigned", "cluster", "endpoint", "service", "topics")
 
     def __init__(self, endpoint: Endpoint, cluster: str) -> None:
         self.endpoint = endpoint
@@ -42,6 +46,7 @@ class _Attachment:
         self.alive = True
         self.assigned: dict[int, _Request | _Offer] = {}  # unanswered work given to this member
         self.topics: set[str] = set()
+        self.service = 0.0  # recent time to answer a request, seconds (0: not known yet)
 
 
 class _Request:
@@ -53,6 +58,7 @@ class _Request:
         "origin",
         "payload",
         "request_id",
+        "sent_at",
         "timeout_ms",
     )
 
@@ -64,6 +70,7 @@ class _Request:
         request_id: int,
         payload: bytes,
         timeout_ms: int,
+        sent_at: float,
     ) -> None:
         self.handle = handle
         self.cluster = cluster
@@ -71,6 +78,7 @@ class _Request:
         self.request_id = request_id
         self.payload = payload
         self.timeout_ms = timeout_ms
+        self.sent_at = sent_at
         self.member: _Attachment | None = None
         self.done = False
 
@@ -181,11 +189,12 @@ class Broker:
         return attachment.cluster, frozenset(attachment.topics)
 
     def capacity(self, cluster: str) -> float:
-        """How much more work this node's members of ``cluster`` can take, roughly.
+        """How many requests per second this node's members of ``cluster`` could take.
 
-        Each member counts 1 when idle and less the more requests it has in hand
-        (1 / (1 + outstanding)); a member that is not reading what it is sent
-        counts a tenth of that. Other nodes weigh their anycasts by it, so a busy
+        Each member counts the rate its recent answers show (1 / service time,
+        :data:`UNMEASURED_SERVICE` until it has answered), divided by one plus the
+        requests it has in hand; a member that is not reading what it is sent
+        counts a tenth. Other nodes weigh their anycasts by it, so a busy or slow
         member here loses to an idle one elsewhere.
         """
         group = self._clusters.get(cluster)
@@ -193,7 +202,8 @@ class Broker:
             return 0.0
         total = 0.0
         for member in group.members:
-            share = 1.0 / (1 + len(member.assigned))
+            rate = 1.0 / max(member.service or UNMEASURED_SERVICE, MIN_SERVICE)
+            share = rate / (1 + len(member.assigned))
             total += share * 0.1 if member.endpoint.congested else share
         return total
 
@@ -215,7 +225,7 @@ class Broker:
             return
         handle = self._new_handle()
         pending = _Request(
-            handle, cluster, self._attachments[origin], request_id, request, timeout_ms
+            handle, cluster, self._attachments[origin], request_id, request, timeout_ms, now
         )
         self._pending[handle] = pending
         self._add_deadline(now + timeout_ms / 1000.0, pending)
@@ -224,19 +234,22 @@ class Broker:
             group = self._clusters[cluster] = _Cluster()
         self._dispatch(group, pending)
 
-    def reply(self, member: Endpoint, handle: int, reply: bytes) -> None:
-        pending = self._answer(member, handle, _Request)
+    def reply(self, member: Endpoint, handle: int, reply: bytes, now: float | None = None) -> None:
+        """``now`` (when known) times the member's service (see :meth:`capacity`)."""
+        pending = self._answer(member, handle, _Request, now)
         if pending is not None:
             self.counters["replies"] += 1
             pending.origin.endpoint.request_replied(pending.request_id, reply)
 
-    def fault(self, member: Endpoint, handle: int, fault: str) -> None:
-        pending = self._answer(member, handle, _Request)
+    def fault(self, member: Endpoint, handle: int, fault: str, now: float | None = None) -> None:
+        pending = self._answer(member, handle, _Request, now)
         if pending is not None:
             self.counters["faults"] += 1
             pending.origin.endpoint.request_faulted(pending.request_id, fault)
 
-    def _answer(self, member: Endpoint, handle: int, kind: type[_Item]) -> _Item | None:
+    def _answer(
+        self, member: Endpoint, handle: int, kind: type[_Item], now: float | None = None
+    ) -> _Item | None:
         """The live item ``member`` answers, now finished; None for a late or foreign one."""
         pending = self._pending.get(handle)
         if (
@@ -248,6 +261,10 @@ class Broker:
             return None
         del self._pending[handle]
         del pending.member.assigned[handle]
+        if now is not None and isinstance(pending, _Request):
+            sample = max(now - pending.sent_at, 0.0)
+            old = pending.member.service
+            pending.member.service = sample if old == 0.0 else old + (sample - old) * 0.2
         self._finish(pending)
         return pending if pending.origin.alive else None
 

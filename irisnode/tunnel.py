@@ -35,6 +35,7 @@ class TunnelHalf:
         "peer",
         "peer_closed",
         "peer_reason",
+        "strict",
         "tunnel_id",
         "window",
     )
@@ -47,6 +48,9 @@ class TunnelHalf:
         self.credit = 0  # bytes the endpoint's application said it can take
         self.left = 0  # bytes still missing from the message being delivered
         self.window = window  # bytes the endpoint's application may still send
+        self.strict: bool = getattr(endpoint, "strict_credit", False)
+        """No forced continuations: the endpoint is another node's buffer, not an
+        application that must see a whole message (see RemoteParty)."""
         self.closed = False
         self.peer_closed = False
         self.peer_reason = ""
@@ -102,9 +106,9 @@ class TunnelHalf:
         while outbox and not endpoint.congested:
             size_or_cont, chunk = outbox[0]
             length = len(chunk)
+            if self.credit < length and (self.strict or (size_or_cont and self.left == 0)):
+                break  # a new message waits until the receiver has room for its start
             if size_or_cont:
-                if self.left == 0 and self.credit < length:
-                    break  # a new message waits until the receiver has room for its start
                 self.left = size_or_cont - length
             else:
                 self.left = max(self.left - length, 0)

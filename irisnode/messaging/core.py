@@ -182,11 +182,11 @@ class MessagingCore:
         self._send(pending, now)
 
     def reply(self, member: Endpoint, handle: int, reply: bytes, now: float) -> None:
-        self.broker.reply(member, handle, reply)
+        self.broker.reply(member, handle, reply, now)
         self._capacity_changed(self.broker.interests(member)[0], now)
 
     def fault(self, member: Endpoint, handle: int, fault: str, now: float) -> None:
-        self.broker.fault(member, handle, fault)
+        self.broker.fault(member, handle, fault, now)
         self._capacity_changed(self.broker.interests(member)[0], now)
 
     def broadcast(self, cluster: str, message: bytes, now: float) -> None:
@@ -264,6 +264,7 @@ class MessagingCore:
         return self._take()
 
     def on_timer(self, now: float) -> Sequence[object]:
+        self.broker.on_timer(now)
         for pending in self._deadlines.pop_due(now):
             if pending.deadline <= now:
                 self._expire(pending)
@@ -274,7 +275,16 @@ class MessagingCore:
         return self._take()
 
     def next_deadline(self) -> float | None:
-        return self._deadlines.next_deadline()
+        """The earliest of this core's deadlines and its broker's.
+
+        (A node's own timer drives the broker too, so that it keeps time without an
+        overlay; expiring what is due twice is harmless.)
+        """
+        mine = self._deadlines.next_deadline()
+        broker = self.broker.next_deadline()
+        if mine is None or (broker is not None and broker < mine):
+            return broker
+        return mine
 
     def shut_down(self) -> None:
         """Every request and tunnel still waiting here ends now (the node is stopping)."""

@@ -58,6 +58,10 @@ class RemoteParty:
     """Every other node, as one origin and tunnel party attached to the local broker."""
 
     congested = False
+    strict_credit = True
+    """Tunnel data goes to another node only within the credit that node granted:
+    continuation chunks are not forced through here (the far node forces them to
+    its application), so each node buffers at most one window per tunnel."""
 
     def __init__(self, node_id: int, address: Address, outbox: list[object]) -> None:
         self.node_id = node_id

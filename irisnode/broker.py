@@ -188,23 +188,29 @@ class Broker:
             return "", frozenset()
         return attachment.cluster, frozenset(attachment.topics)
 
-    def capacity(self, cluster: str) -> float:
+    def capacity(self, cluster: str, now: float) -> float:
         """How many requests per second this node's members of ``cluster`` could take.
 
-        Each member counts the rate its recent answers show (1 / service time,
-        :data:`UNMEASURED_SERVICE` until it has answered), divided by one plus the
-        requests it has in hand; a member that is not reading what it is sent
-        counts a tenth. Other nodes weigh their anycasts by it, so a busy or slow
-        member here loses to an idle one elsewhere.
+        Each member counts the rate its recent answers show: 1 / service time, where
+        the service time is the recent average (:data:`UNMEASURED_SERVICE` until it has
+        answered) or, if longer, the age of the oldest request it has not answered yet,
+        so a member that falls behind or stops answering loses weight as its backlog
+        ages, while a burst of new work changes nothing until it is late. A member
+        that is not reading what it is sent counts a tenth. Other nodes weigh their
+        anycasts by it, so a busy or slow member here loses to an idle one elsewhere.
         """
         group = self._clusters.get(cluster)
         if group is None:
             return 0.0
         total = 0.0
         for member in group.members:
-            rate = 1.0 / max(member.service or UNMEASURED_SERVICE, MIN_SERVICE)
-            share = rate / (1 + len(member.assigned))
-            total += share * 0.1 if member.endpoint.congested else share
+            service = member.service or UNMEASURED_SERVICE
+            for item in member.assigned.values():
+                if isinstance(item, _Request):
+                    service = max(service, now - item.sent_at)
+                    break  # the oldest: dicts keep insertion order
+            rate = 1.0 / max(service, MIN_SERVICE)
+            total += rate * 0.1 if member.endpoint.congested else rate
         return total
 
     # -- request / reply ----------------------------------------------------------

@@ -23,7 +23,6 @@ The stack has the ``start/handle/on_timer/next_deadline`` shape of a core, so
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -150,20 +149,16 @@ class OverlayStack:
 
     def on_timer(self, now: float) -> list[object]:
         effects: list[object] = []
-        if (self.pastry.next_deadline() or math.inf) <= now:
+        if _due(self.pastry.next_deadline(), now):
             effects += self.run(self.pastry.on_timer(now), now)
         for layer in self.layers:
-            if (layer.next_deadline() or math.inf) <= now:
+            if _due(layer.next_deadline(), now):
                 effects += self.run(layer.on_timer(now), now)
         return effects
 
     def next_deadline(self) -> float | None:
-        deadline = self.pastry.next_deadline() or math.inf
-        for layer in self.layers:
-            mine = layer.next_deadline()
-            if mine is not None and mine < deadline:
-                deadline = mine
-        return None if deadline == math.inf else deadline
+        deadlines = [self.pastry.next_deadline(), *(layer.next_deadline() for layer in self.layers)]
+        return min((d for d in deadlines if d is not None), default=None)
 
     # -- carrying out effects --------------------------------------------------------------
 
@@ -208,3 +203,7 @@ class OverlayStack:
                     out.append(effect)
                 else:
                     self._run(consumer.consume(effect, now), now, out)
+
+
+def _due(deadline: float | None, now: float) -> bool:
+    return deadline is not None and deadline <= now

@@ -54,6 +54,8 @@ from overlay.pastry import Address, PeerDead, Send
 from overlay.scribe import AnycastDelivered, AnycastFailed, GroupDelivered, ScribeCore
 from overlay.stack import LinkDown, Received, Upcall
 
+CAPACITY_REFRESH = 0.25
+"""How often this node's capacities are looked at again (reports go out only on change)."""
 RETRY_FIRST = 0.02
 RETRY_MAX = 0.25
 """A request no member could take asks again after 20 ms, doubling up to 250 ms."""
@@ -115,6 +117,7 @@ class MessagingCore:
         self.node_id = 0
         self._remote: RemoteParty | None = None
         self._seq = 0
+        self._next_refresh = 0.0
         self._pending: dict[int, _Pending] = {}
         self._deadlines: DeadlineHeap[_Pending] = DeadlineHeap(lambda p: not p.done)
         self.counters: dict[str, int] = {
@@ -137,7 +140,9 @@ class MessagingCore:
         effects: list[object] = []
         for cluster in self.broker.clusters():
             if not cluster.startswith(RESERVED_PREFIX) and self.broker.members(cluster):
-                effects += scribe.join(cluster_key(cluster), now, self.broker.capacity(cluster))
+                effects += scribe.join(
+                    cluster_key(cluster), now, self.broker.capacity(cluster, now)
+                )
         for topic in self.broker.topics():
             effects += scribe.join(topic_key(topic), now)
         return effects
@@ -265,6 +270,11 @@ class MessagingCore:
 
     def on_timer(self, now: float) -> Sequence[object]:
         self.broker.on_timer(now)
+        if self._scribe is not None and now >= self._next_refresh:
+            # Capacity falls as unanswered work ages, without any event to say so.
+            self._next_refresh = now + CAPACITY_REFRESH
+            for cluster in self.broker.clusters():
+                self._capacity_changed(cluster, now)
         for pending in self._deadlines.pop_due(now):
             if pending.deadline <= now:
                 self._expire(pending)
@@ -280,11 +290,10 @@ class MessagingCore:
         (A node's own timer drives the broker too, so that it keeps time without an
         overlay; expiring what is due twice is harmless.)
         """
-        mine = self._deadlines.next_deadline()
-        broker = self.broker.next_deadline()
-        if mine is None or (broker is not None and broker < mine):
-            return broker
-        return mine
+        deadlines = [self._deadlines.next_deadline(), self.broker.next_deadline()]
+        if self._scribe is not None:
+            deadlines.append(self._next_refresh)
+        return min((d for d in deadlines if d is not None), default=None)
 
     def shut_down(self) -> None:
         """Every request and tunnel still waiting here ends now (the node is stopping)."""
@@ -441,9 +450,9 @@ class MessagingCore:
         if self.broker.members(cluster):
             group = scribe.group(key)
             if group is None or not group.member:
-                self.outbox += scribe.join(key, now, self.broker.capacity(cluster))
+                self.outbox += scribe.join(key, now, self.broker.capacity(cluster, now))
             else:
-                self.outbox += scribe.set_capacity(key, self.broker.capacity(cluster), now)
+                self.outbox += scribe.set_capacity(key, self.broker.capacity(cluster, now), now)
         else:
             self.outbox += scribe.leave(key, now)
 
@@ -463,7 +472,7 @@ class MessagingCore:
         scribe = self._scribe
         if scribe is not None and cluster and not cluster.startswith(RESERVED_PREFIX):
             self.outbox += scribe.set_capacity(
-                cluster_key(cluster), self.broker.capacity(cluster), now
+                cluster_key(cluster), self.broker.capacity(cluster, now), now
             )
 
     def _take(self) -> list[object]:

@@ -100,7 +100,7 @@ function drawRing(overlay) {
   const self = element("svg:circle", { class: "self", cx: sx, cy: sy, r: 6 });
   self.append(element("svg:title", {}, `${overlay.node_id} (this node)`));
   svg.append(self);
-  const [lx, ly] = at(overlay.node_id, 106);
+  const [lx, ly] = at(overlay.node_id, 74); // inside the ring: never clipped
   svg.append(element("svg:text", { x: lx, y: ly + 2 }, overlay.node_id.slice(0, 8)));
   $("#ring-note").textContent = `${ids.size} other node${ids.size === 1 ? "" : "s"} known; ${
     overlay.routing_table.entries

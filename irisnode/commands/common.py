@@ -164,7 +164,8 @@ def sync(conn: BlockingConnection, timeout: float = 1.0) -> None:
 
 
 class Stop:
-    """Set by SIGINT, SIGTERM or the command itself; what long-running commands wait on."""
+    """Set by SIGINT, SIGTERM (inside :meth:`signals`) or the command itself; what
+    long-running commands wait on."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -178,26 +179,28 @@ class Stop:
 
     def wait(self, closed: Any = None, poll: float = 0.2) -> int:
         """Block until set (or until ``closed()`` is true: the node went away); the exit code."""
-        with _signals_set(self):
-            while not self.event.wait(poll):
-                if closed is not None and closed():
-                    self.set(1, "the node closed the connection")
+        while not self.event.wait(poll):
+            if closed is not None and closed():
+                self.set(1, "the node closed the connection")
         if self.reason:
             print(self.reason, file=sys.stderr)
         return self.code
 
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        """Within: SIGINT and SIGTERM set this (exit code 0) instead of ending the process.
 
-@contextmanager
-def _signals_set(stop: Stop) -> Iterator[None]:
-    """SIGINT and SIGTERM end the wait with exit code 0 (only the main thread can catch them)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: stop.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        Enter it before saying you are ready, so a signal right after that line is
+        caught. Only the main thread can catch signals; elsewhere this does nothing.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: self.set())
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

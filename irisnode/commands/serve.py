@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"cannot join {args.cluster!r} on relay port {args.relay_port}: {error}"
         ) from None
-    with service:
+    with service, stop.signals():
         print(
             f"serving {args.cluster} on relay port {args.relay_port} (Ctrl-C to stop)",
             file=sys.stderr,

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     many = len(args.topics) > 1
     in_order = Limits(handlers=1)  # one callback at a time: events print in arrival order
-    with connection(args.relay_port) as conn:
+    with connection(args.relay_port) as conn, stop.signals():
         for topic in dict.fromkeys(args.topics):
             conn.subscribe(topic, printer(topic), in_order)
         sync(conn)  # subscribed for real before we say so

@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 import sys
+import textwrap
 import types
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -75,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = "\n".join(f"  {name:<10} {summary}" for name, summary in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="irisnode",
-        description="Run an irisnode: applications on this machine attach over the Iris "
-        "relay protocol. Without --net it runs in developer mode: a network of one, on "
-        "loopback only.",
+        description=textwrap.fill(
+            "Run an irisnode: applications on this machine attach over the Iris relay "
+            "protocol. Without --net it runs in developer mode: a network of one, on "
+            "loopback only.",
+            79,
+        ),
         epilog=f"commands (irisnode COMMAND --help for each):\n{commands}\n\n"
         "example:\n  irisnode --relay-port 55555 --metrics 9090\n"
         "  irisnode --net office --key office.key",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from relay import codec
+from tests.lan import wait_until
 from tests.processes import NodeProcess, irisnode, network_key, network_node, run
-from tests.support import wait_until
 
 
 @pytest.fixture
@@ -261,7 +261,11 @@ def test_routine_link_events_are_not_logged_as_failures(tmp_path: Path) -> None:
     try:
         for node in (first, second):
             port = str(node.port)
-            wait_until(lambda: "joined" in run("status", "--relay-port", port).stdout)  # noqa: B023
+            wait_until(
+                lambda: "joined" in run("status", "--relay-port", port).stdout,  # noqa: B023
+                15,
+                "both nodes joined",
+            )
     finally:
         logs = [node.stop()[2] for node in (second, first)]
     for log in logs:

@@ -15,8 +15,8 @@ from irisnode.system import STATUS
 from overlay.ids import format_id, key_for
 from relay import codec
 from relay.client import blocking
+from tests.lan import wait_until
 from tests.processes import NodeProcess, Running, network_key, network_node, run
-from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,11 @@ def test_status_counts_other_clients_and_both_directions(node: NodeProcess) -> N
     assert re.search(r"messaging: \d+ requests, \d+ replies", text)
     service = serving(node, "visible", "--echo")
     try:
-        wait_until(lambda: "visible (1 member)" in run("status", *relay(node)).stdout)
+        wait_until(
+            lambda: "visible (1 member)" in run("status", *relay(node)).stdout,
+            10,
+            "the cluster in the status",
+        )
     finally:
         service.stop()
 
@@ -236,7 +240,7 @@ def test_status_says_alone_and_why_when_the_seed_refuses(tmp_path: Path) -> None
             text = run("status", "--relay-port", str(stranger.port)).stdout
             return f"127.0.0.1:{seed.link_port} refused: wrong-network" in text
 
-        wait_until(refused)
+        wait_until(refused, 15, "the refusal in the status")
         text = run("status", "--relay-port", str(stranger.port)).stdout
         assert "state: alone" in text and "(joined)" not in text
         assert "peers: 0" in text
@@ -246,7 +250,9 @@ def test_status_says_alone_and_why_when_the_seed_refuses(tmp_path: Path) -> None
                 lambda: (
                     "joined, 1 peer linked"
                     in run("status", "--relay-port", str(friend.port)).stdout
-                )
+                ),
+                15,
+                "the friend joined",
             )
             peers = run("status", "--relay-port", str(friend.port)).stdout
             assert f"link up    leaf  127.0.0.1:{seed.link_port}" in peers, peers

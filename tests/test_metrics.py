@@ -15,8 +15,8 @@ from prometheus_client.samples import Sample
 
 from irisnode.metrics import families
 from relay.client import blocking
+from tests.lan import wait_until
 from tests.processes import NodeProcess, network_key, network_node, run
-from tests.support import wait_until
 
 FETCHED_FROM_ELSEWHERE = re.compile(rb"""(src=|href=|url\(|fetch\(|import )["']?(https?:)?//""")
 """A reference the browser would load from another host."""
@@ -116,7 +116,7 @@ def test_overlay_metrics_of_a_network_node(tmp_path: Path) -> None:
             leaf = value(parsed, "irisnode_overlay_leaf_set_nodes", side="left")
             return parsed if links and leaf else {}
 
-        parsed = wait_until(joined, what="the two nodes in each other's leaf set")
+        parsed = wait_until(joined, 15, "the two nodes in each other's leaf set")
         assert value(parsed, "irisnode_overlay_links") == 1
         assert value(parsed, "irisnode_overlay_peers") == 1
         assert value(parsed, "irisnode_overlay_leaf_set_nodes", side="right") == 1

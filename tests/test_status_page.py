@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.lan import wait_until
 from tests.processes import network_key, network_node
-from tests.support import wait_until
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = next(
@@ -140,7 +140,8 @@ def test_the_page_shows_the_node_and_follows_a_peer_joining(
         browser.open(first.status_page)
         wait_until(
             lambda: browser.run("return document.getElementById('node-id').textContent") == node_id,
-            what="the node id on the page",
+            15,
+            "the node id on the page",
         )
         assert browser.run("return document.getElementById('state').textContent") == "alone"
         assert browser.run(PEERS) == []
@@ -153,16 +154,19 @@ def test_the_page_shows_the_node_and_follows_a_peer_joining(
             rows: list[str] = browser.run(PEERS)
             return [row for row in rows if peer_id in row and "up" in row]
 
-        (row,) = wait_until(peer_shown, what="the new peer in the page's peer table")
+        (row,) = wait_until(peer_shown, 15, "the new peer in the page's peer table")
         assert f"127.0.0.1:{second.link_port}" in row
         wait_until(
             lambda: browser.run(
                 f"return !!document.querySelector('#ring circle[data-node-id=\"{peer_id}\"]')"
             ),
-            what="the new peer on the ring",
+            15,
+            "the new peer on the ring",
         )
         wait_until(
-            lambda: "joined" in browser.run("return document.getElementById('state').textContent")
+            lambda: "joined" in browser.run("return document.getElementById('state').textContent"),
+            15,
+            "joined on the page",
         )
         rate = browser.run(
             "return document.querySelector('[data-rate=\"messaging.requests\"]').textContent"

@@ -16,6 +16,7 @@ import argparse
 import difflib
 import importlib
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from irisnode.commands.common import CommandError, HelpFormatter
@@ -49,7 +50,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     module = importlib.import_module(f"irisnode.commands.{name}")
     parser = argparse.ArgumentParser(
         prog=f"irisnode {name}",
-        description=module.DESCRIPTION,
+        description=textwrap.fill(module.DESCRIPTION, 79),
         epilog=f"example:\n{module.EXAMPLE}",
         formatter_class=HelpFormatter,
     )

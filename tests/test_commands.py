@@ -69,12 +69,17 @@ def test_a_failing_command_answers_with_a_fault(node: NodeProcess) -> None:
         assert result.returncode == 1
         assert result.stderr == "irisnode request: out of order\n"
         silent = serving(node, "silent", "--exec", "false")
+        slow = serving(node, "slow", "--exec", "sleep 30", "--timeout", "0.2")
         try:
             assert run("request", "silent", "x", *relay(node)).stderr.endswith(
                 "false exited with status 1\n"
             )
+            assert run("request", "slow", "x", *relay(node)).stderr.endswith(
+                "sleep took longer than 0.2 s\n"
+            )
         finally:
             silent.stop()
+            slow.stop()
     finally:
         service.stop()
 

@@ -9,7 +9,14 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from irisnode.commands.common import CommandError, Stop, add_relay_port, count, sync
+from irisnode.commands.common import (
+    CommandError,
+    Stop,
+    add_relay_port,
+    add_timeout,
+    count,
+    sync,
+)
 
 if TYPE_CHECKING:
     from relay.client.blocking import BlockingTunnel
@@ -19,8 +26,8 @@ DESCRIPTION = (
     "--echo the reply is the request (tunnels opened to the cluster are echoed too); with "
     "--exec CMD every request runs CMD (split like a shell would, but run without one) "
     "with the request on its stdin, and its stdout is the reply. A command that exits "
-    "non-zero answers with a fault: its stderr, or its exit status. Requests are handled "
-    "concurrently (up to 16 at once)."
+    "non-zero, or runs past --timeout (then it is killed), answers with a fault: its "
+    "stderr, or what happened. Requests are handled concurrently (up to 16 at once)."
 )
 EXAMPLE = (
     "  irisnode serve echo --echo\n"
@@ -35,15 +42,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--echo", action="store_true", help="reply with the request itself")
     how.add_argument("--exec", metavar="CMD", dest="command", help="reply with CMD's output")
     parser.add_argument("--count", type=count, metavar="N", help="stop after answering N requests")
+    add_timeout(parser, 10.0, "kill CMD after this long")
     add_relay_port(parser)
 
 
-def run_command(argv: list[str], request: bytes) -> bytes:
+def run_command(argv: list[str], request: bytes, timeout: float) -> bytes:
     """CMD's stdout for ``request`` on its stdin; RuntimeError (the fault) if it fails."""
     try:
-        done = subprocess.run(argv, input=request, capture_output=True, check=False)
+        done = subprocess.run(argv, input=request, capture_output=True, timeout=timeout)
     except OSError as error:
         raise RuntimeError(f"cannot run {argv[0]}: {error.strerror or error}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{argv[0]} took longer than {timeout:g} s") from None
     if done.returncode != 0:
         text = done.stderr.decode(errors="replace").strip()
         raise RuntimeError(text or f"{argv[0]} exited with status {done.returncode}")
@@ -63,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     class Handler(blocking.ServiceHandler):
         def handle_request(self, request: bytes) -> bytes:
             nonlocal answered
-            reply = request if argv is None else run_command(argv, request)
+            reply = request if argv is None else run_command(argv, request, args.timeout)
             with lock:
                 answered += 1
                 if args.count is not None and answered >= args.count:

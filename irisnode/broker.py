@@ -314,6 +314,11 @@ class Broker:
     def subscribers(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 
+    def group_sizes(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Members per cluster (0 while requests wait for one) and subscribers per topic."""
+        clusters = {name: len(group.members) for name, group in self._clusters.items()}
+        return clusters, {topic: len(subscribers) for topic, subscribers in self._topics.items()}
+
     def publish(self, topic: str, event: bytes) -> None:
         subscribers = self._topics.get(topic)
         if subscribers is not None:

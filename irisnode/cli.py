@@ -9,27 +9,42 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import os
 import signal
+import stat
 import sys
+import textwrap
 import types
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from irisnode import __version__
+from irisnode.commands import COMMANDS, suggestion
+from irisnode.commands.common import HelpFormatter
+from irisnode.commands.common import port_number as _port
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
-COMMANDS = ("keygen", "status", "lookup")
-"""Subcommands (``irisnode keygen ...``); anything else runs a node."""
+LOG_LEVEL_ALIASES = {"warning": "warn", "fatal": "critical"}
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
-    return value
+def _log_level(text: str) -> str:
+    """Any case, and the usual other names (``WARNING``): what Twisted's levels are called."""
+    level = text.lower()
+    return LOG_LEVEL_ALIASES.get(level, level)
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """``PORT`` (on 127.0.0.1), ``HOST:PORT`` or ``[IPV6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return "127.0.0.1", _port(text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"write an IPv6 address as [ADDRESS]:PORT: {text!r}")
+    if not host:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT or PORT: {text!r}")
+    return host, _port(port)
 
 
 def _size(text: str) -> int:
@@ -58,11 +73,19 @@ def _seed(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    commands = "\n".join(f"  {name:<10} {summary}" for name, summary in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="irisnode",
-        description="Run an irisnode: applications on this machine attach over the Iris "
-        "relay protocol. Other commands: 'irisnode keygen', 'irisnode status', "
-        "'irisnode lookup' (each with --help).",
+        description=textwrap.fill(
+            "Run an irisnode: applications on this machine attach over the Iris relay "
+            "protocol. Without --net it runs in developer mode: a network of one, on "
+            "loopback only.",
+            79,
+        ),
+        epilog=f"commands (irisnode COMMAND --help for each):\n{commands}\n\n"
+        "example:\n  irisnode --relay-port 55555 --metrics 9090\n"
+        "  irisnode --net office --key office.key",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"irisnode {__version__}")
     parser.add_argument(
@@ -73,7 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay port on 127.0.0.1 and [::1] (default 55555; 0 picks a free one)",
     )
     parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="least severe level to log"
+        "--metrics",
+        type=_listen_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics (/metrics), /status.json and a live status page (/) "
+        "over HTTP on PORT (127.0.0.1 unless HOST is given; 0 picks a free port; default: off)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        choices=LOG_LEVELS,
+        default="info",
+        help="least severe level to log, in any case (warning is warn)",
     )
     parser.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="log line format"
@@ -111,14 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument(
         "--link-port",
         type=_port,
-        default=55556,
         metavar="PORT",
-        help="port for links with other nodes, on all addresses (default 55556)",
+        help="port for links with other nodes, on all addresses (default 55556; 0 picks a free "
+        "one)",
     )
     network.add_argument(
         "--discovery-port",
         type=_port,
-        default=0,
         metavar="PORT",
         help="UDP port of the multicast beacons (default: the standard one, 47853)",
     )
@@ -195,16 +228,21 @@ def start_logging(level: str, fmt: str, stream: TextIO) -> None:
     threshold = LogLevel.levelWithName(level)
 
     @implementer(ILogFilterPredicate)
-    class QuietLegacy:
-        """Hide Twisted's legacy chatter ("Factory starting on 55555") unless debugging."""
+    class QuietTwisted:
+        """Hide Twisted's own chatter ("Factory starting on 55555", "Main loop terminated.")
+        unless debugging; its warnings and errors still show."""
 
         def __call__(self, event: dict[str, Any]) -> Any:
-            if event.get("log_namespace") == "log_legacy" and threshold > LogLevel.debug:
+            namespace = event.get("log_namespace", "")
+            chatter = namespace == "log_legacy" or (
+                namespace.startswith("twisted.") and event.get("log_level") == LogLevel.info
+            )
+            if chatter and threshold > LogLevel.debug:
                 return PredicateResult.no
             return PredicateResult.maybe
 
     observer = json_log_observer(stream) if fmt == "json" else textFileLogObserver(stream)
-    predicates = [LogLevelFilterPredicate(defaultLogLevel=threshold), QuietLegacy()]
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=threshold), QuietTwisted()]
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(observer, predicates)], redirectStandardIO=False
     )
@@ -273,50 +311,95 @@ def run(args: argparse.Namespace) -> int:
         except CredentialError as error:
             print(f"irisnode: {error}", file=sys.stderr)
             return 1
+        warn_if_exposed(args.key)
         network = NetworkConfig(
             name=args.net,
             key_file=args.key,
-            link_port=args.link_port,
             interfaces=tuple(args.interface),
             discovery=not args.no_discovery,
-            discovery_port=args.discovery_port,
+            discovery_port=args.discovery_port or 0,
             seeds=tuple(args.seed),
             state_dir=args.state_dir,
             advertise=tuple(args.advertise),
+            **({} if args.link_port is None else {"link_port": args.link_port}),
         )
 
     log = Logger(namespace="irisnode")
     start_logging(args.log_level, args.log_format, sys.stderr)
     limits = RelayLimits(max_payload=args.max_message_size, max_backlog=args.max_backlog)
-    node = Node(
-        reactor, NodeConfig(relay_port=args.relay_port, relay_limits=limits, network=network)
+    config = NodeConfig(
+        relay_port=args.relay_port, relay_limits=limits, network=network, monitor=args.metrics
     )
+    node = Node(reactor, config)
     exit_code = 0
 
-    def overlay_failed(error: Exception) -> None:
+    def ready() -> None:
+        """Everything the node listens on is bound: say so, once, with where."""
+        where = [f"relay on {' and '.join(node.relay_addresses)}"]
+        fields: dict[str, Any] = {"relay_port": node.relay_port}
+        if node.overlay is not None:
+            where.append(f"links on port {node.overlay.link_port}")
+            fields["link_port"] = node.overlay.link_port
+        if node.monitor_url is not None:
+            where.append(f"status page on {node.monitor_url}")
+            fields["metrics_url"] = node.monitor_url
+        log.info(
+            "irisnode {version} ready: {where}",
+            version=__version__,
+            where=", ".join(where),
+            **fields,
+        )
+
+    def failed(error: Exception) -> None:
         nonlocal exit_code
         print(f"irisnode: cannot join the network: {error}", file=sys.stderr)
         exit_code = 1
-        reactor.stop()
+        if reactor.running:
+            reactor.stop()
 
-    node.on_failure = overlay_failed
+    node.on_ready = ready
+    node.on_failure = failed
     try:
         node.start()
     except CannotListenError as error:
-        print(f"irisnode: cannot listen on relay port {args.relay_port}: {error}", file=sys.stderr)
+        if args.metrics is not None and (error.interface, error.port) == args.metrics:
+            what = f"metrics address {args.metrics[0]}:{args.metrics[1]}"
+        else:
+            what = f"relay port {args.relay_port}"
+        print(f"irisnode: cannot listen on {what}: {error.socketError}", file=sys.stderr)
         return 1
-    log.info(
-        "irisnode {version} ready: relay on {addresses}",
-        version=__version__,
-        addresses=" and ".join(node.relay_addresses),
-        relay_port=node.relay_port,
-    )
     reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(node.stop()))
     # Twisted only takes over SIGINT if Python's default handler is in place; a shell
     # starts background jobs with SIGINT ignored, and the node must still stop on it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor.run()
     return exit_code
+
+
+def warn_if_exposed(key_file: str) -> None:
+    """Warn, as ssh does, when others may read the network key: whoever can, can join."""
+    mode = stat.S_IMODE(os.stat(key_file).st_mode)
+    if mode & 0o077:
+        print(
+            f"irisnode: warning: the network key {key_file} is accessible by others "
+            f"(mode {mode:04o}): anyone who can read it can join the network; "
+            f"chmod 600 {key_file}",
+            file=sys.stderr,
+        )
+
+
+def network_only_options(args: argparse.Namespace) -> list[str]:
+    """The network options given on a command line without --net (they would do nothing)."""
+    given = {
+        "--interface": args.interface,
+        "--seed": args.seed,
+        "--advertise": args.advertise,
+        "--state-dir": args.state_dir is not None,
+        "--link-port": args.link_port is not None,
+        "--discovery-port": args.discovery_port is not None,
+        "--no-discovery": args.no_discovery,
+    }
+    return [option for option, used in given.items() if used]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,11 +409,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return commands.main(arguments)
     parser = build_parser()
+    if arguments and not arguments[0].startswith("-"):
+        parser.print_usage(sys.stderr)
+        print(
+            f"irisnode: unknown command {arguments[0]!r}: {suggestion(arguments[0])}",
+            file=sys.stderr,
+        )
+        return 2
     args = parser.parse_args(arguments)
     if (args.net is None) != (args.key is None):
         parser.error("--net and --key go together: a network is its name and its key")
-    if args.net is None and (args.interface or args.seed or args.state_dir or args.advertise):
-        parser.error("--interface, --seed, --advertise and --state-dir need --net and --key")
+    if args.net is None and (unused := network_only_options(args)):
+        parser.error(
+            f"{', '.join(unused)}: only with --net and --key (without them the node runs in "
+            "developer mode, on this machine only)"
+        )
     return run(args)
 
 

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
+from irisnode.groups import groups
 from irisnode.messaging.core import MessagingCore
 from irisnode.messaging.service import MessagingService
 from overlay.timer import DeadlineTimer
@@ -64,6 +65,8 @@ class NodeConfig:
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     network: NetworkConfig | None = None
     """None: developer mode, one node on its own with no overlay and no traffic off loopback."""
+    monitor: tuple[str, int] | None = None
+    """``(host, port)`` for /metrics, /status.json and the status page (``--metrics``)."""
 
 
 class Node:
@@ -86,12 +89,16 @@ class Node:
         self.failed: Exception | None = None
         self.on_failure: Callable[[Exception], None] | None = None
         """Called when the overlay cannot start (the CLI stops the process then)."""
+        self.on_ready: Callable[[], None] | None = None
+        """Called once everything the node listens on is bound (the overlay's link port
+        a reactor turn after :meth:`start`): when the CLI says ``ready``."""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self.broker = Broker(wake=self._timer.wake)
         self.messaging = MessagingCore(self.broker)
         self.messaging_service = MessagingService(self.messaging, reactor)
         self.relay = RelayFactory(self.messaging_service, reactor, config.relay_limits)
         self._listeners: list[IListeningPort] = []
+        self._monitor: IListeningPort | None = None
 
     def _on_timer(self, now: float) -> float | None:
         self.broker.on_timer(now)
@@ -101,9 +108,20 @@ class Node:
     def start(self) -> None:
         """Start serving applications; the overlay follows on the next reactor turn.
 
-        Raises if neither 127.0.0.1 nor [::1] can be bound for the relay.
+        Raises if neither 127.0.0.1 nor [::1] can be bound for the relay, or if the
+        monitor's port cannot be bound.
         """
         self._listeners = listen_loopback(self.reactor, self.relay, self.config.relay_port)
+        if self.config.monitor is not None:
+            from irisnode.web import listen_monitor
+
+            try:
+                self._monitor = listen_monitor(self.reactor, self, *self.config.monitor)
+            except Exception:
+                for listener in self._listeners:
+                    listener.stopListening()
+                self._listeners = []
+                raise
         self.broker.attach(
             system.SystemService(self.broker, self.reactor, self._status_request), system.STATUS
         )
@@ -112,6 +130,8 @@ class Node:
         )
         if self.config.network is not None:
             self.reactor.callLater(0, self._start_overlay, self.config.network)
+        elif self.on_ready is not None:
+            self.on_ready()
 
     def _start_overlay(self, network: NetworkConfig) -> None:
         from irisnode.network import start_overlay  # heavy imports: after the relay is up
@@ -121,10 +141,11 @@ class Node:
                 self.reactor, network, self.messaging, rng=self.rng, entropy=self.entropy
             )
         except Exception as error:
-            log.error("cannot start the overlay: {error}", error=str(error))
             self.failed = error
             if self.on_failure is not None:
                 self.on_failure(error)
+            else:
+                log.error("cannot start the overlay: {error}", error=str(error))
             return
         overlay = self.overlay
         self.messaging_service.carry_out = overlay.run
@@ -134,6 +155,8 @@ class Node:
             network=overlay.network.name,
             link_port=overlay.link_port,
         )
+        if self.on_ready is not None:
+            self.on_ready()
 
     async def _status_request(self, request: bytes) -> bytes:
         return json.dumps(self.status()).encode()
@@ -157,11 +180,14 @@ class Node:
                 "connections": len(self.relay.connections),
                 "handshakes": counters.handshakes,
                 "bytes_in": counters.bytes_in,
+                "bytes_out": counters.bytes_out,
+                "backlog_bytes": sum(c.backlog for c in self.relay.connections),
                 "dropped_connections": counters.drops,
                 "dropped_deliveries": counters.dropped_deliveries,
                 "paused_reads": counters.paused_reads,
             },
             "messaging": {**self.broker.counters, **self.messaging.status()},
+            "groups": groups(self.broker),
             "overlay": self.overlay.status() if self.overlay is not None else None,
         }
 
@@ -169,6 +195,15 @@ class Node:
     def relay_port(self) -> int:
         port: int = self._listeners[0].getHost().port  # type: ignore[attr-defined]
         return port
+
+    @property
+    def monitor_url(self) -> str | None:
+        """``http://HOST:PORT/`` of the status page, if ``--metrics`` asked for one."""
+        if self._monitor is None:
+            return None
+        bound: Any = self._monitor.getHost()
+        host = f"[{bound.host}]" if ":" in bound.host else bound.host
+        return f"http://{host}:{bound.port}/"
 
     @property
     def relay_addresses(self) -> list[str]:
@@ -185,7 +220,8 @@ class Node:
         Clients get ``grace`` seconds to take their last bytes; then their connections
         are cut, so stopping always finishes promptly.
         """
-        for listener in self._listeners:
+        monitor, self._monitor = self._monitor, None
+        for listener in [*self._listeners, *([monitor] if monitor is not None else [])]:
             stopped = listener.stopListening()
             if stopped is not None:
                 await stopped

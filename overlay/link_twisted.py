@@ -272,9 +272,12 @@ class Link(Protocol):
             return
         self.close_reason = reason
         self._cancel_timer()
-        log = _log.info if reason in (Reason.CLOSED, Reason.DUPLICATE_LINK) else _log.warn
+        # Closing on purpose and the duplicate-link rule are routine, not failures.
+        routine = reason in (Reason.CLOSED, Reason.DUPLICATE_LINK)
+        log = _log.debug if routine else _log.warn
         log(
-            "link failed: {reason} ({detail}) peer={peer_id} address={address} role={role}",
+            "link {outcome}: {reason} ({detail}) peer={peer_id} address={address} role={role}",
+            outcome="closed" if routine else "failed",
             reason=str(reason),
             detail=detail,
             peer_id=format_node_id(self.peer_node_id),
@@ -360,6 +363,8 @@ class Dialer:
         self.link: Link | None = None
         self.parked_on: int | None = None
         self.stopped = False
+        self.last_failure: str | None = None
+        """Why the last attempt failed (None once linked): what ``irisnode status`` shows."""
         self.backoff = Backoff(
             service.rng, initial=service.backoff_initial, cap=service.backoff_cap
         )
@@ -409,16 +414,20 @@ class Dialer:
             error=reason.getErrorMessage(),
         )
         self._connector = None
+        self.last_failure = reason.getErrorMessage()
         self._retry_later()
 
     def _established(self, link: Link) -> None:
         self.backoff.reset()
+        self.last_failure = None
 
     def _link_ended(self, link: Link, reason: Reason) -> None:
         if link is not self.link:
             return
         self.link = None
         self._connector = None
+        if reason not in (Reason.CLOSED, Reason.DUPLICATE_LINK):
+            self.last_failure = str(reason)
         peer = link.peer_node_id
         if peer is not None and peer in self.service.links:
             self.parked_on = peer  # another link to the same node won; wait for it to end
@@ -473,6 +482,11 @@ class LinkService:
     def links(self) -> Mapping[int, Link]:
         """The current link of each peer (at most one per peer)."""
         return self._links
+
+    @property
+    def dialers(self) -> list[Dialer]:
+        """The addresses this service keeps dialling (seeds, peers being linked)."""
+        return list(self._dialers.values())
 
     def factory(self) -> ServerFactory:
         """A listening factory, for callers that bind the port themselves."""

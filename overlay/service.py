@@ -422,6 +422,14 @@ class OverlayService:
                 "rows": {str(row): [format_id(p) for p in ids] for row, ids in rows.items()},
             },
             "discovery": self._discovery_status(),
+            "dialling": [
+                {
+                    "address": f"[{d.host}]:{d.port}" if ":" in d.host else f"{d.host}:{d.port}",
+                    "failure": d.last_failure,
+                }
+                for d in self.links.dialers
+                if d.parked_on is None and (d.link is None or not d.link.established)
+            ],
         }
 
     def _discovery_status(self) -> dict[str, Any] | None:

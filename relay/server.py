@@ -62,6 +62,7 @@ class RelayCounters:
     dropped_deliveries: int = 0
     paused_reads: int = 0
     bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class RelayConnection(Protocol):
@@ -177,6 +178,7 @@ class RelayConnection(Protocol):
         transport: Any = self.transport
         if transport is None:
             return
+        self.factory.counters.bytes_out += len(data)
         sock = _idle_socket(transport)
         if sock is not None:
             try:

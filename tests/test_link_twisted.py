@@ -497,3 +497,20 @@ def test_dialer_whose_link_lost_the_duplicate_rule_waits_for_the_peer_to_go() ->
     (redial,) = reactor.getDelayedCalls()
     reactor.advance(redial.getTime() - reactor.seconds())
     assert len(reactor.tcpClients) == 2, "dials again once the peer has no link"
+
+
+def test_routine_closes_are_not_logged_as_failures(log_events: list[LogEvent]) -> None:
+    from twisted.logger import LogLevel
+
+    a, _ = service(creds(1))
+    b, _ = service(creds(2))
+    first_out, first_in = End(a, Role.INITIATOR), End(b, Role.RESPONDER)
+    second_out, second_in = End(b, Role.INITIATOR), End(a, Role.RESPONDER)
+    pump((first_out, first_in), (second_out, second_in))  # one of them loses: duplicate-link
+    for link in list(a.links.values()):
+        link.close()  # shutting down
+    closes = [e for e in log_events if e.get("reason") in ("duplicate-link", "closed")]
+    assert {e["reason"] for e in closes} == {"duplicate-link", "closed"}
+    for event in closes:
+        assert event["log_level"] is LogLevel.debug
+        assert event["outcome"] == "closed"

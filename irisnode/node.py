@@ -24,7 +24,6 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
-from irisnode.groups import groups
 from irisnode.messaging.core import MessagingCore
 from irisnode.messaging.service import MessagingService
 from overlay.timer import DeadlineTimer
@@ -187,7 +186,7 @@ class Node:
                 "paused_reads": counters.paused_reads,
             },
             "messaging": {**self.broker.counters, **self.messaging.status()},
-            "groups": groups(self.broker),
+            "groups": self.messaging.groups(),
             "overlay": self.overlay.status() if self.overlay is not None else None,
         }
 

@@ -93,7 +93,7 @@ async def test_bindings_on_one_node_use_a_service_on_another(cluster: Cluster) -
     events: list[bytes] = []
     listener = await txclient.connect(reactor, c.relay_port)
     listener.subscribe("news", events.append)
-    await wait_for(lambda: c.messaging.status()["topics"].get("news", {}).get("tree"), 5.0)
+    await wait_for(lambda: c.messaging.status()["trees"].get("topic news"), 5.0)
     for n in range(3):
         conn.publish("news", b"event %d" % n)
     await wait_for(lambda: len(events) == 3, 5.0, "three events")
@@ -117,8 +117,13 @@ async def test_raw_packets_across_nodes_and_members_on_both_sides(cluster: Clust
     remote_member = await raw_connect(a.relay_port, "work")
     local_member = await raw_connect(b.relay_port, "work")
     client = await raw_connect(b.relay_port, "")
-    await wait_for(lambda: a.messaging.status()["clusters"].get("work", {}).get("tree"), 5.0)
-    await wait_for(lambda: b.messaging.status()["clusters"].get("work", {}).get("tree"), 5.0)
+    # Each node knows the other has a member too.
+    for node in (a, b):
+        await wait_for(
+            lambda n=node: n.messaging.groups()["clusters"].get("work", {}).get("other_nodes"),  # type: ignore[misc]
+            5.0,
+            "both members known on both nodes",
+        )
     served = {"remote": 0, "local": 0}
     for request_id in range(40):
         client.send(codec.Request(request_id, "work", b"%d" % request_id, 5000))

@@ -154,7 +154,14 @@ def status(**overlay: Any) -> dict[str, Any]:
             "paused_reads": 0,
         },
         "messaging": {"requests": 7, "replies": 5, "faults": 1, "timeouts": 1, "late": 0},
-        "groups": {"scope": "node", "clusters": {"a": 1}, "topics": {"t": 2, "u": 1}},
+        "groups": {
+            "scope": "node",
+            "clusters": {"a": {"here": 1, "other_nodes": None}},
+            "topics": {
+                "t": {"here": 2, "other_nodes": None},
+                "u": {"here": 1, "other_nodes": None},
+            },
+        },
         "overlay": overlay or None,
     }
 

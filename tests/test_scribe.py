@@ -70,7 +70,7 @@ def sends(effects: object) -> list[Send]:
 
 
 def subscribe_route(child: int, capacity: float = 1.0) -> Route:
-    return Route(KEY, child, b"c%x" % child, 1, True, Subscribe(KEY, b"c%x" % child, capacity))
+    return Route(KEY, child, b"c%x" % child, 1, True, Subscribe(KEY, b"c%x" % child, capacity, 1))
 
 
 def with_parent(node: ScribeCore, parent: int = 0x2000, now: float = 0.0) -> None:
@@ -94,7 +94,7 @@ def test_the_key_owner_is_the_root_and_sends_nothing() -> None:
 def test_a_member_subscribes_by_routing_towards_the_key_and_the_ack_makes_a_parent() -> None:
     node = core()
     assert node.join(KEY, 0.0, capacity=2.0) == [
-        RouteTo(KEY, Subscribe(KEY, b"me", 2.0), intercept=True)
+        RouteTo(KEY, Subscribe(KEY, b"me", 2.0, 1), intercept=True)
     ]
     node.upcall(Received(0x2000, SubscribeAck(KEY, b"p", 3)), 0.1)
     group = node.group(KEY)
@@ -106,7 +106,7 @@ def test_a_node_on_the_way_adopts_the_child_answers_and_joins_itself() -> None:
     node = core()
     effects = node.upcall(Intercept(subscribe_route(0x5000), 0x5000, 0x2000), 0.0)
     assert Send(0x5000, b"c5000", SubscribeAck(KEY, b"me", 0)) in effects
-    assert RouteTo(KEY, Subscribe(KEY, b"me", 1.0), intercept=True) in effects
+    assert RouteTo(KEY, Subscribe(KEY, b"me", 1.0, 1), intercept=True) in effects
     group = node.group(KEY)
     assert group is not None and not group.member and set(group.children) == {0x5000}
 
@@ -168,7 +168,7 @@ def test_a_redirected_child_subscribes_straight_to_its_new_parent() -> None:
     node = core()
     node.join(KEY, 0.0)
     effects = node.upcall(Received(0x2000, Redirect(KEY, 0x7000, b"s")), 0.1)
-    assert effects == [Send(0x7000, b"s", Subscribe(KEY, b"me", 1.0))]
+    assert effects == [Send(0x7000, b"s", Subscribe(KEY, b"me", 1.0, 1))]
     node.upcall(Received(0x7000, SubscribeAck(KEY, b"s", 1)), 0.2)
     group = node.group(KEY)
     assert group is not None and group.parent == 0x7000 and group.depth == 2
@@ -178,10 +178,10 @@ def test_a_pushed_down_node_sends_the_children_pushed_to_it_back_up() -> None:
     node = core()
     with_parent(node, 0x2000)
     node.upcall(Intercept(subscribe_route(0x5000), 0x5000, 0x2000), 0.0)  # by its route
-    node.upcall(Received(0x6000, Subscribe(KEY, b"c6000", 1.0)), 0.0)  # pushed down to us
+    node.upcall(Received(0x6000, Subscribe(KEY, b"c6000", 1.0, 1)), 0.0)  # pushed down to us
     effects = node.upcall(Received(0x2000, Redirect(KEY, 0x7000, b"s")), 1.0)
     assert Send(0x6000, b"c6000", Redirect(KEY, 0x2000, b"p")) in effects
-    assert Send(0x7000, b"s", Subscribe(KEY, b"me", 2.0)) in effects
+    assert Send(0x7000, b"s", Subscribe(KEY, b"me", 2.0, 2)) in effects
     group = node.group(KEY)
     assert group is not None and set(group.children) == {0x5000}
 
@@ -246,7 +246,7 @@ def test_an_anycast_sent_down_stays_in_that_subtree() -> None:
     node = core()
     with_parent(node, 0x2000)
     node.set_capacity(KEY, 0.0, 0.0)
-    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 5.0),))), 0.0)
+    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 5.0, 3),))), 0.0)
     down = Anycast(KEY, 0x9999, b"o", 7, True, b"job")
     # Nothing below and it may not go back up: it fails, back to its origin.
     assert node.upcall(Received(0x2000, down), 0.0) == [Send(0x9999, b"o", AnycastFailure(KEY, 7))]
@@ -277,7 +277,7 @@ def test_a_capacity_change_that_matters_is_reported_at_once() -> None:
     with_parent(node, 0x2000)
     assert sends(node.set_capacity(KEY, 0.9, 1.0)) == []  # a small drift waits for the beat
     assert sends(node.set_capacity(KEY, 0.1, 1.0)) == [
-        Send(0x2000, b"p", ChildBeat(b"me", ((KEY, 0.1),)))
+        Send(0x2000, b"p", ChildBeat(b"me", ((KEY, 0.1, 1),)))
     ]
     assert material_change(0.0, 0.01) and material_change(1.0, 0.0)
     assert not material_change(1.0, 0.8)
@@ -302,7 +302,7 @@ def test_silent_children_are_dropped_and_an_empty_forwarder_leaves() -> None:
     node = core()
     node.upcall(Intercept(subscribe_route(0x5000), 0x5000, 0x2000), 0.0)
     node.upcall(Received(0x2000, SubscribeAck(KEY, b"p", 0)), 0.0)
-    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 0.0),))), 9.9)  # the parent lives
+    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 0.0, 0),))), 9.9)  # the parent lives
     effects = node.on_timer(10.0)
     assert Send(0x2000, b"p", Unsubscribe(KEY)) in effects
     assert node.group(KEY) is None
@@ -312,19 +312,19 @@ def test_beats_flow_both_ways_with_capacities() -> None:
     node = core()
     with_parent(node, 0x2000)
     node.upcall(Intercept(subscribe_route(0x5000, capacity=3.0), 0x5000, 0x2000), 0.0)
-    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 10.0),))), 0.1)
+    node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 0, 10.0, 4),))), 0.1)
     effects = node.on_timer(1.0)
-    assert Send(0x2000, b"p", ChildBeat(b"me", ((KEY, 4.0),))) in effects
-    assert Send(0x5000, b"c5000", ParentBeat(b"me", ((KEY, 1, 11.0),))) in effects
+    assert Send(0x2000, b"p", ChildBeat(b"me", ((KEY, 4.0, 2),))) in effects
+    assert Send(0x5000, b"c5000", ParentBeat(b"me", ((KEY, 1, 11.0, 5),))) in effects
 
 
 def test_a_beat_from_a_stranger_is_corrected_or_adopted() -> None:
     node = core()
     with_parent(node, 0x2000)
-    assert node.upcall(Received(0x3000, ParentBeat(b"q", ((KEY, 0, 1.0),))), 0.0) == [
+    assert node.upcall(Received(0x3000, ParentBeat(b"q", ((KEY, 0, 1.0, 1),))), 0.0) == [
         Send(0x3000, b"q", Unsubscribe(KEY))
     ]
-    effects = node.upcall(Received(0x5000, ChildBeat(b"c", ((KEY, 2.0),))), 0.0)
+    effects = node.upcall(Received(0x5000, ChildBeat(b"c", ((KEY, 2.0, 1),))), 0.0)
     assert Send(0x5000, b"c", SubscribeAck(KEY, b"me", 1)) in effects
     group = node.group(KEY)
     assert group is not None and group.children[0x5000].subtree == 2.0
@@ -333,7 +333,7 @@ def test_a_beat_from_a_stranger_is_corrected_or_adopted() -> None:
 def test_a_loop_shows_as_depth_and_the_node_starts_over() -> None:
     node = core(max_depth=10)
     with_parent(node, 0x2000)
-    effects = node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 10, 1.0),))), 0.0)
+    effects = node.upcall(Received(0x2000, ParentBeat(b"p", ((KEY, 10, 1.0, 1),))), 0.0)
     assert Send(0x2000, b"p", Unsubscribe(KEY)) in effects
     group = node.group(KEY)
     assert group is not None and group.parent is None
@@ -360,7 +360,7 @@ def test_roots_follow_their_keys_when_the_leaf_set_changes() -> None:
     assert group is not None and group.root
     router.owner_here = False
     effects = node.upcall(LeafSetChanged(), 2.0)
-    assert effects == [RouteTo(KEY, Subscribe(KEY, b"me", 1.0), intercept=True)]
+    assert effects == [RouteTo(KEY, Subscribe(KEY, b"me", 1.0, 1), intercept=True)]
     assert not group.root and group.joining
 
 
@@ -396,16 +396,23 @@ def registry() -> MessageRegistry:
 keys = st.integers(0, ID_SPACE - 1)
 capacities = st.floats(min_value=0.0, max_value=1e9)
 scribe_messages = st.one_of(
-    st.builds(Subscribe, keys, st.binary(max_size=50), capacities),
+    st.builds(Subscribe, keys, st.binary(max_size=50), capacities, st.integers(0, 2**32 - 1)),
     st.builds(SubscribeAck, keys, st.binary(max_size=50), st.integers(0, 255)),
     st.builds(Redirect, keys, keys, st.binary(max_size=50)),
     st.builds(Unsubscribe, keys),
     st.builds(
         ParentBeat,
         st.binary(max_size=50),
-        st.lists(st.tuples(keys, st.integers(0, 255), capacities), max_size=20).map(tuple),
+        st.lists(
+            st.tuples(keys, st.integers(0, 255), capacities, st.integers(0, 2**32 - 1)),
+            max_size=20,
+        ).map(tuple),
     ),
-    st.builds(ChildBeat, st.binary(max_size=50), st.lists(st.tuples(keys, capacities)).map(tuple)),
+    st.builds(
+        ChildBeat,
+        st.binary(max_size=50),
+        st.lists(st.tuples(keys, capacities, st.integers(0, 2**32 - 1)), max_size=20).map(tuple),
+    ),
     st.builds(
         Multicast,
         keys,
@@ -438,5 +445,5 @@ def test_every_scribe_message_round_trips(message: object) -> None:
 def test_only_data_is_bulk() -> None:
     assert pastry.is_bulk(Multicast(KEY, 1, 1, 1, b"x"))
     assert pastry.is_bulk(Route(KEY, 1, b"a", 0, False, Anycast(KEY, 1, b"a", 1, False, b"x")))
-    assert not pastry.is_bulk(Subscribe(KEY, b"a", 1.0))
+    assert not pastry.is_bulk(Subscribe(KEY, b"a", 1.0, 1))
     assert not pastry.is_bulk(ParentBeat(b"a", ()))

@@ -94,3 +94,14 @@ def test_a_thousand_nodes_with_fifty_clusters_and_fifty_topics() -> None:
     assert figures["max_children"] <= 32
     assert figures["anycast_max_share_deviation"] <= 0.25
     assert 0 <= figures["repair_seconds"] <= 5.0
+
+
+def test_every_member_node_knows_how_many_other_member_nodes_there_are(
+    formed: ScribeExperiment,
+) -> None:
+    formed.net.run_for(1.0)  # reports travel up and down the tree
+    for index, key in enumerate(formed.keys):
+        members = formed.members[index]
+        for node in members:
+            group = scribe_of(formed.net, node).group(key)
+            assert group is not None and group.others() == len(members) - 1

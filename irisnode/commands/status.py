@@ -82,14 +82,19 @@ def render(state: dict[str, Any], *, asked_over_relay: bool = False) -> str:
 def _groups(groups: dict[str, Any] | None) -> list[str]:
     if groups is None:
         return []
+
+    def where(sizes: dict[str, Any], word: str) -> str:
+        here = plural(sizes["here"], word)
+        others = sizes.get("other_nodes")
+        return here if others is None else f"{here} here, {plural(others, 'other node')}"
+
     clusters = ", ".join(
-        f"{name} ({plural(n, 'member')})" for name, n in sorted(groups["clusters"].items())
+        f"{name} ({where(sizes, 'member')})" for name, sizes in groups["clusters"].items()
     )
     topics = ", ".join(
-        f"{name} ({plural(n, 'subscriber')})" for name, n in sorted(groups["topics"].items())
+        f"{name} ({where(sizes, 'subscriber')})" for name, sizes in groups["topics"].items()
     )
-    scope = "on this node" if groups.get("scope") == "node" else "in the network"
-    return [f"clusters {scope}: {clusters or 'none'}", f"topics {scope}: {topics or 'none'}"]
+    return [f"clusters: {clusters or 'none'}", f"topics: {topics or 'none'}"]
 
 
 def _overlay(overlay: dict[str, Any]) -> list[str]:

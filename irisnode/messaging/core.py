@@ -482,47 +482,69 @@ class MessagingCore:
     # ----------------------------------------------------------------------------
     # Status
 
-    def status(self) -> dict[str, Any]:
-        """The groups this node is in, as ``irisnode status`` shows them."""
+    def groups(self) -> dict[str, Any]:
+        """The clusters and topics this node is in, as status, metrics and the page show them.
+
+        Per group: how many members (subscribers) are on this node, and how many
+        other nodes have some (from the tree's reports; None without an overlay).
+        The node's own reserved clusters are left out: nobody joined them.
+        """
         scribe = self._scribe
-        clusters = {}
-        for cluster in sorted(self.broker.clusters()):
-            if cluster.startswith(RESERVED_PREFIX):
-                continue
-            entry: dict[str, Any] = {"local_members": self.broker.members(cluster)}
-            if scribe is not None:
-                entry.update(_tree_status(scribe, cluster_key(cluster)))
-            clusters[cluster] = entry
-        topics = {}
-        for topic in sorted(self.broker.topics()):
-            entry = {"local_subscribers": self.broker.subscribers(topic)}
-            if scribe is not None:
-                entry.update(_tree_status(scribe, topic_key(topic)))
-            topics[topic] = entry
-        remote = self._remote
+
+        def elsewhere(key: int) -> int | None:
+            if scribe is None:
+                return None
+            group = scribe.group(key)
+            return 0 if group is None else group.others()
+
+        clusters = {
+            name: {"here": self.broker.members(name), "other_nodes": elsewhere(cluster_key(name))}
+            for name in sorted(self.broker.clusters())
+            if not name.startswith(RESERVED_PREFIX) and self.broker.members(name)
+        }
+        topics = {
+            name: {"here": self.broker.subscribers(name), "other_nodes": elsewhere(topic_key(name))}
+            for name in sorted(self.broker.topics())
+        }
         return {
+            "scope": "node" if scribe is None else "network",
             "clusters": clusters,
             "topics": topics,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Trees and counters, for ``irisnode status``."""
+        scribe = self._scribe
+        trees = {}
+        if scribe is not None:
+            for name in self.broker.clusters():
+                if not name.startswith(RESERVED_PREFIX):
+                    trees[f"cluster {name}"] = _tree_status(scribe, cluster_key(name))
+            for name in self.broker.topics():
+                trees[f"topic {name}"] = _tree_status(scribe, topic_key(name))
+        remote = self._remote
+        return {
+            "trees": trees,
             "requests_waiting": len(self._pending),
             "remote_requests_open": remote.open_requests if remote is not None else 0,
             "remote_tunnels_open": remote.open_tunnels if remote is not None else 0,
             **self.counters,
+            **({} if scribe is None else {"scribe": dict(scribe.stats)}),
         }
 
 
-def _tree_status(scribe: ScribeCore, key: int) -> dict[str, Any]:
+def _tree_status(scribe: ScribeCore, key: int) -> dict[str, Any] | None:
     group = scribe.group(key)
     if group is None:
-        return {"tree": None}
+        return None
     return {
-        "tree": {
-            "root": group.root,
-            "parent": None if group.parent is None else f"{group.parent:032x}",
-            "children": len(group.children),
-            "depth": group.depth,
-            "capacity_here": round(group.own_capacity, 3),
-            "capacity_elsewhere": round(group.outside + group.subtree() - group.own_capacity, 3),
-        }
+        "root": group.root,
+        "parent": None if group.parent is None else f"{group.parent:032x}",
+        "children": len(group.children),
+        "depth": group.depth,
+        "member_nodes_elsewhere": group.others(),
+        "capacity_here": round(group.own_capacity, 3),
+        "capacity_elsewhere": round(group.outside + group.subtree() - group.own_capacity, 3),
     }
 
 

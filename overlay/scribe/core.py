@@ -231,23 +231,24 @@ class ScribeCore:
             return effects
         config = self.config
         self._next_tick = now + config.beat_interval
-        to_parents: dict[int, tuple[Address, list[tuple[int, float]]]] = {}
-        to_children: dict[int, tuple[Address, list[tuple[int, int, float]]]] = {}
+        to_parents: dict[int, tuple[Address, list[tuple[int, float, int]]]] = {}
+        to_children: dict[int, tuple[Address, list[tuple[int, int, float, int]]]] = {}
         for group in list(self._groups.values()):
             self._check(group, now, effects)
             if group.key not in self._groups:
                 continue  # pruned
             if group.parent is not None:
-                subtree = group.subtree()
-                group.reported_subtree = subtree
-                entry = (group.key, subtree)
+                subtree, members = group.subtree(), group.subtree_members()
+                group.reported_subtree, group.reported_members = subtree, members
+                entry = (group.key, subtree, members)
                 to_parents.setdefault(group.parent, (group.parent_address, []))[1].append(entry)
             if group.children:
                 total = group.outside + group.subtree()
+                total_members = group.outside_members + group.subtree_members()
                 for child_id, child in group.children.items():
-                    outside = total - child.subtree
+                    outside = (total - child.subtree, total_members - child.members)
                     group.reported_outside[child_id] = outside
-                    beat = (group.key, group.depth, outside)
+                    beat = (group.key, group.depth, *outside)
                     to_children.setdefault(child_id, (child.address, []))[1].append(beat)
         for peer, (address, ups) in to_parents.items():
             for start in range(0, len(ups), BEAT_ENTRIES):
@@ -412,7 +413,7 @@ class ScribeCore:
             return
         group.joining = True
         group.subscribed_at = now
-        subscribe = Subscribe(group.key, self.address, group.subtree())
+        subscribe = Subscribe(group.key, self.address, group.subtree(), group.subtree_members())
         effects.append(RouteTo(group.key, subscribe, intercept=True, avoid=group.avoid))
 
     def _make_root(self, group: Group, effects: list[object]) -> None:
@@ -424,6 +425,7 @@ class ScribeCore:
             group.joining = False
             group.depth = 0
             group.outside = 0.0
+            group.outside_members = 0
             self._report(group, effects)
 
     def _orphan(self, group: Group, now: float, effects: list[object], avoid: int | None) -> None:
@@ -431,6 +433,7 @@ class ScribeCore:
         group.parent = None
         group.root = False
         group.outside = 0.0
+        group.outside_members = 0
         self._attach(group, now, effects, avoid)
 
     def _subscribe(
@@ -458,7 +461,9 @@ class ScribeCore:
             self._make_root(group, effects)
         elif group.parent == child_id:
             return  # a loop in the making: the sender will try again elsewhere
-        group.children[child_id] = Child(message.address, now, message.capacity, redirected)
+        group.children[child_id] = Child(
+            message.address, now, message.capacity, message.members, redirected
+        )
         if child_id not in self._push_down(group, effects):
             ack = SubscribeAck(key, self.address, group.depth)
             effects.append(Send(child_id, message.address, ack))
@@ -509,6 +514,7 @@ class ScribeCore:
         group.joining = False
         group.avoid = None
         group.reported_subtree = group.subtree()
+        group.reported_members = group.subtree_members()
         self._report(group, effects)
 
     def _redirected(self, src: int, message: Redirect, now: float, effects: list[object]) -> None:
@@ -529,7 +535,7 @@ class ScribeCore:
             return
         group.joining = True
         group.subscribed_at = now
-        subscribe = Subscribe(group.key, self.address, group.subtree())
+        subscribe = Subscribe(group.key, self.address, group.subtree(), group.subtree_members())
         effects.append(Send(message.to_id, message.to_address, subscribe))
 
     def _unsubscribed(
@@ -563,7 +569,7 @@ class ScribeCore:
     # Beats and capacity reports
 
     def _parent_beat(self, src: int, beat: ParentBeat, now: float, effects: list[object]) -> None:
-        for key, depth, outside in beat.entries:
+        for key, depth, outside, outside_members in beat.entries:
             group = self._groups.get(key)
             if group is not None and group.parent is None and group.joining and not group.root:
                 # Its acknowledgement was lost on the way: this beat is as good.
@@ -581,33 +587,36 @@ class ScribeCore:
                 effects.append(Send(src, beat.address, Unsubscribe(key)))
                 self._orphan(group, now, effects, avoid=src)  # a loop: start over
                 continue
-            if group.outside != outside:
-                group.outside = outside
+            if group.outside != outside or group.outside_members != outside_members:
+                group.outside, group.outside_members = outside, outside_members
                 self._report_down(group, effects)
 
     def _child_beat(self, src: int, beat: ChildBeat, now: float, effects: list[object]) -> None:
-        for key, subtree in beat.entries:
+        for key, subtree, members in beat.entries:
             group = self._groups.get(key)
             child = None if group is None else group.children.get(src)
             if group is None or child is None:
                 # It believes it is our child (we timed it out, or we restarted): take it.
                 self._subscribe(
-                    Subscribe(key, beat.address, subtree), src, now, effects, at_root=False
+                    Subscribe(key, beat.address, subtree, members), src, now, effects, at_root=False
                 )
                 continue
             child.heard = now
             child.address = beat.address
-            if child.subtree != subtree:
-                child.subtree = subtree
+            if child.subtree != subtree or child.members != members:
+                child.subtree, child.members = subtree, members
                 self._report(group, effects)
 
     def _report(self, group: Group, effects: list[object]) -> None:
         """Tell the parent and the children about a capacity change that matters now."""
         if group.parent is not None:
-            subtree = group.subtree()
-            if material_change(group.reported_subtree, subtree):
-                group.reported_subtree = subtree
-                beat = ChildBeat(self.address, ((group.key, subtree),))
+            subtree, members = group.subtree(), group.subtree_members()
+            if (
+                material_change(group.reported_subtree, subtree)
+                or members != group.reported_members
+            ):
+                group.reported_subtree, group.reported_members = subtree, members
+                beat = ChildBeat(self.address, ((group.key, subtree, members),))
                 effects.append(Send(group.parent, group.parent_address, beat))
         self._report_down(group, effects)
 
@@ -615,12 +624,14 @@ class ScribeCore:
         if not group.children:
             return
         total = group.outside + group.subtree()
+        total_members = group.outside_members + group.subtree_members()
         reported = group.reported_outside
         for child_id, child in group.children.items():
-            outside = total - child.subtree
-            if material_change(reported.get(child_id, 0.0), outside):
-                reported[child_id] = outside
-                beat = ParentBeat(self.address, ((group.key, group.depth, outside),))
+            outside, members = total - child.subtree, total_members - child.members
+            last, last_members = reported.get(child_id, (0.0, 0))
+            if material_change(last, outside) or members != last_members:
+                reported[child_id] = (outside, members)
+                beat = ParentBeat(self.address, ((group.key, group.depth, outside, members),))
                 effects.append(Send(child_id, child.address, beat))
 
     def _check(self, group: Group, now: float, effects: list[object]) -> None:

@@ -15,15 +15,22 @@ ANYCAST_FROM_PARENT = -3
 
 
 class Child:
-    __slots__ = ("address", "heard", "redirected", "subtree")
+    __slots__ = ("address", "heard", "members", "redirected", "subtree")
 
     def __init__(
-        self, address: Address, heard: float, subtree: float, redirected: bool = False
+        self,
+        address: Address,
+        heard: float,
+        subtree: float,
+        members: int,
+        redirected: bool = False,
     ) -> None:
         self.address = address
         self.heard = heard
         self.subtree = subtree
-        """Capacity of the member nodes in the child's subtree, as it last reported."""
+        """Capacity of the member nodes in the child's subtree, as it last reported..."""
+        self.members = members
+        """...and how many member nodes that subtree holds."""
         self.redirected = redirected
         """It came because our parent pushed it down, not because its route led here."""
 
@@ -46,9 +53,11 @@ class Group:
         "key",
         "member",
         "outside",
+        "outside_members",
         "parent",
         "parent_address",
         "parent_heard",
+        "reported_members",
         "reported_outside",
         "reported_subtree",
         "root",
@@ -73,7 +82,9 @@ class Group:
         """...or until then, in case it was only slow."""
         self.depth = 0
         self.outside = 0.0
-        """Capacity of the tree outside this node's subtree, as the parent last said."""
+        """Capacity of the tree outside this node's subtree, as the parent last said..."""
+        self.outside_members = 0
+        """...and the member nodes out there."""
         self.children: dict[int, Child] = {}
         self.credits: dict[int | None, dict[int, float]] = {}
         """Smooth weighted round robin state for anycast choices: per way an anycast
@@ -81,9 +92,10 @@ class Group:
         self.seen: dict[tuple[int, int], tuple[int, float]] = {}
         """(origin, incarnation) -> (highest multicast seq delivered, when)."""
         self.reported_subtree = 0.0
-        """The subtree capacity last sent to the parent."""
-        self.reported_outside: dict[int, float] = {}
-        """The outside capacity last sent to each child."""
+        self.reported_members = 0
+        """The subtree capacity and member nodes last sent to the parent."""
+        self.reported_outside: dict[int, tuple[float, int]] = {}
+        """The outside capacity and member nodes last sent to each child."""
 
     @property
     def in_tree(self) -> bool:
@@ -97,9 +109,13 @@ class Group:
         """Capacity of this node and everything below it."""
         return self.own_capacity + sum(child.subtree for child in self.children.values())
 
-    def outside_for(self, child: Child) -> float:
-        """Capacity of the tree outside ``child``'s subtree, seen from ``child``."""
-        return self.outside + self.subtree() - child.subtree
+    def subtree_members(self) -> int:
+        """Member nodes in this node's subtree, this one included."""
+        return int(self.member) + sum(child.members for child in self.children.values())
+
+    def others(self) -> int:
+        """Member nodes in the whole tree but this one, as far as reports say."""
+        return self.outside_members + self.subtree_members() - int(self.member)
 
     def choose(self, came_from: int | None, options: dict[int, float]) -> int:
         """Smooth weighted round robin: each option in proportion to its weight.

@@ -41,6 +41,8 @@ class Subscribe:
     group: int
     address: Address
     capacity: float
+    members: int
+    """Member nodes in the sender's subtree (itself included, if it has members)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,19 +72,21 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class ParentBeat:
-    """Parent to child, every beat: per group (key, parent's depth, capacity outside
-    the child's subtree). Also the child's evidence that its parent is alive."""
+    """Parent to child, every beat: per group (key, parent's depth, capacity and
+    member nodes outside the child's subtree). Also the child's evidence that its
+    parent is alive."""
 
     address: Address
-    entries: tuple[tuple[int, int, float], ...]
+    entries: tuple[tuple[int, int, float, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ChildBeat:
-    """Child to parent, every beat: per group (key, capacity of the child's subtree)."""
+    """Child to parent, every beat: per group (key, capacity and member nodes of the
+    child's subtree)."""
 
     address: Address
-    entries: tuple[tuple[int, float], ...]
+    entries: tuple[tuple[int, float, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +136,12 @@ class AnycastFailure:
 def register(registry: MessageRegistry) -> None:
     """Scribe's message types, tags 32-41."""
     payload = registry.message_field()
-    registry.register(32, Subscribe, ID, ADDRESS, FLOAT)
+    registry.register(32, Subscribe, ID, ADDRESS, FLOAT, U32)
     registry.register(33, SubscribeAck, ID, ADDRESS, U8)
     registry.register(34, Redirect, ID, ID, ADDRESS)
     registry.register(35, Unsubscribe, ID)
-    registry.register(36, ParentBeat, ADDRESS, ListOf(Struct(ID, U8, FLOAT), BEAT_ENTRIES))
-    registry.register(37, ChildBeat, ADDRESS, ListOf(Struct(ID, FLOAT), BEAT_ENTRIES))
+    registry.register(36, ParentBeat, ADDRESS, ListOf(Struct(ID, U8, FLOAT, U32), BEAT_ENTRIES))
+    registry.register(37, ChildBeat, ADDRESS, ListOf(Struct(ID, FLOAT, U32), BEAT_ENTRIES))
     registry.register(38, Multicast, ID, ID, U32, U64, payload)
     registry.register(39, Anycast, ID, ID, ADDRESS, U64, BOOL, payload)
     registry.register(40, AnycastFailure, ID, U64)

@@ -160,11 +160,18 @@ function drawPeers(overlay) {
       : "No peers yet.";
 }
 
+function where(sizes) {
+  const others = sizes.other_nodes;
+  return others === null || others === undefined
+    ? `${sizes.here} here`
+    : `${sizes.here} here, ${others} other node${others === 1 ? "" : "s"}`;
+}
+
 function drawGroups(groups) {
   const fill = (selector, entries, empty) => {
     const rows = Object.entries(entries || {}).sort(([a], [b]) => a.localeCompare(b));
     $(selector).replaceChildren(
-      ...(rows.length ? rows.map(([name, n]) => row([name, n])) : [row([empty, ""])]),
+      ...(rows.length ? rows.map(([name, n]) => row([name, where(n)])) : [row([empty, ""])]),
     );
   };
   fill("#clusters tbody", groups && groups.clusters, "no clusters");

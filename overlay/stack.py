@@ -157,8 +157,12 @@ class OverlayStack:
         return effects
 
     def next_deadline(self) -> float | None:
-        deadlines = [self.pastry.next_deadline(), *(layer.next_deadline() for layer in self.layers)]
-        return min((d for d in deadlines if d is not None), default=None)
+        best = self.pastry.next_deadline()
+        for layer in self.layers:  # runs after every input: no allocation
+            deadline = layer.next_deadline()
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
 
     # -- carrying out effects --------------------------------------------------------------
 

@@ -1,21 +1,24 @@
-"""The link protocol core: STS handshake, then AEAD frames (docs/wire-link.md §2-§3).
+"""The link protocol core: STS handshake, then AEAD frames (docs/wire-link.md §2-§4).
 
 Sans-I/O in the style of h11: :class:`LinkCore` takes the bytes that arrived
 (and ``now``) and returns effects in order — :class:`Transmit` (bytes to write),
-:class:`Established`, :class:`Received` (one decrypted frame) and at most one
-:class:`Failed` — after which it ignores everything. ``send`` turns one
-application frame into the bytes to write. It never reads a clock, never draws
-randomness except through the injected ``entropy`` (one 32-byte draw, at
-construction), never logs, and never touches a socket.
+:class:`Established`, :class:`Received` (one whole message, reassembled from its
+fragments) and at most one :class:`Failed` — after which it ignores everything.
+``queue`` takes a message to send (control or bulk, see
+:mod:`overlay.link_frames`) and ``take`` encrypts the next frames, control first,
+only when the adapter can write them, so sequence numbers follow wire order.
+It never reads a clock, never draws randomness except through the injected
+``entropy`` (one 32-byte draw, at construction), never logs, and never touches
+a socket.
 
-Also here, because they are pure: the duplicate-link rule and reconnect backoff.
+The pure link policies (duplicate links, backoff, handshake rate) live in
+:mod:`overlay.link_policy`.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import random
 import struct
 from dataclasses import dataclass
 
@@ -29,17 +32,16 @@ from overlay.identity import (
     Entropy,
     verify_signature,
 )
+from overlay.link_frames import DEFAULT_LIMITS, FragmentError, LinkLimits, Outbox, Reassembler
 
 MAGIC = b"irislink"
-VERSION = 1
+VERSION = 2
 KEY_SIZE = 32
 TAG_SIZE = 16
 SIGNATURE_SIZE = 64
 MSG1_SIZE = len(MAGIC) + 1 + KEY_SIZE
 MAX_HANDSHAKE_RECORD = 1024
 MAX_CERTIFICATE = 512
-DEFAULT_MAX_FRAME = 1 << 20
-"""Largest plaintext in one data frame (1 MiB); a constructor argument."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 FRAME_HEADER_SIZE = 12
 FRAME_OVERHEAD = FRAME_HEADER_SIZE + TAG_SIZE
@@ -62,7 +64,7 @@ _decrypt = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt
 
 
 class Reason(enum.StrEnum):
-    """Why a link was dropped; the strings are the ``reason`` field of the logs (§4)."""
+    """Why a link was dropped; the strings are the ``reason`` field of the logs (§5)."""
 
     HANDSHAKE_TIMEOUT = "handshake-timeout"
     OVERSIZE_HANDSHAKE = "oversize-handshake"
@@ -79,12 +81,13 @@ class Reason(enum.StrEnum):
     UNEXPECTED_PEER = "unexpected-peer"
     MALFORMED_FRAME = "malformed-frame"
     OVERSIZE_FRAME = "oversize-frame"
+    MALFORMED_FRAGMENT = "malformed-fragment"
+    OVERSIZE_MESSAGE = "oversize-message"
     REPLAYED_FRAME = "replayed-frame"
     REORDERED_FRAME = "reordered-frame"
     TAMPERED_FRAME = "tampered-frame"
     CONNECTION_LOST = "connection-lost"
     DUPLICATE_LINK = "duplicate-link"
-    SEND_BUFFER_OVERFLOW = "send-buffer-overflow"
     CLOSED = "closed"
 
 
@@ -119,7 +122,7 @@ class Established:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One decrypted application frame, in the order the peer sent it."""
+    """One whole message, complete once its last fragment arrived."""
 
     data: bytes
 
@@ -191,7 +194,7 @@ class _State(enum.Enum):
 
 
 class LinkCore:
-    """One end of one link, from the first byte to the last (§2-§3)."""
+    """One end of one link, from the first byte to the last (§2-§4)."""
 
     def __init__(
         self,
@@ -200,16 +203,16 @@ class LinkCore:
         entropy: Entropy,
         now: float,
         *,
-        max_frame_size: int = DEFAULT_MAX_FRAME,
+        limits: LinkLimits = DEFAULT_LIMITS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         expected_peer: int | None = None,
     ) -> None:
-        if max_frame_size < 0:
-            raise ValueError("max_frame_size must not be negative")
         if expected_peer is not None and role is not Role.INITIATOR:
             raise ValueError("only the initiator knows whom it meant to reach")
         self.role = role
-        self.max_frame_size = max_frame_size
+        self.limits = limits
+        self._outbox = Outbox(limits)
+        self._reassembler = Reassembler(limits.max_message_size)
         self._credentials = credentials
         self._expected_peer = expected_peer
         self._ephemeral = entropy(KEY_SIZE)
@@ -242,6 +245,24 @@ class LinkCore:
     def next_deadline(self) -> float | None:
         """When :meth:`on_timer` must be called: the handshake deadline, or None."""
         return self._deadline
+
+    @property
+    def congested(self) -> bool:
+        """More bulk bytes queued than the high-water mark, until below the low-water mark."""
+        return self._outbox.congested
+
+    @property
+    def has_output(self) -> bool:
+        """Frames are waiting for :meth:`take`."""
+        return bool(self._outbox) and self._state is _State.ESTABLISHED
+
+    @property
+    def queued_bulk_bytes(self) -> int:
+        return self._outbox.bulk.bytes
+
+    @property
+    def queued_control_bytes(self) -> int:
+        return self._outbox.control.bytes
 
     # -- inputs
 
@@ -287,25 +308,69 @@ class LinkCore:
             del buffer[:pos]
         return effects
 
-    def send(self, data: bytes) -> bytes:
-        """Encrypt one application frame; returns the bytes to write."""
+    def queue(self, data: bytes, *, bulk: bool = False) -> bool:
+        """Queue one message; False if its class's queue is full (§4).
+
+        Raises :class:`LinkStateError` before the link is established or for a
+        message over ``limits.max_message_size``: both are the caller's bug.
+        """
         if self._state is not _State.ESTABLISHED:
             raise LinkStateError(f"cannot send on a link that is {self._state.value}")
-        if len(data) > self.max_frame_size:
-            raise LinkStateError(f"frame of {len(data)} bytes exceeds {self.max_frame_size}")
+        if len(data) > self.limits.max_message_size:
+            raise LinkStateError(
+                f"message of {len(data)} bytes exceeds {self.limits.max_message_size}"
+            )
+        return self._outbox.push(data, bulk=bulk)
+
+    def take(self, budget: int) -> bytes:
+        """Encrypt queued frames, control first, until ``budget`` bytes or nothing is left.
+
+        Frames are sealed only here, when the adapter can write them at once, so
+        their sequence numbers are the order they reach the wire.
+        """
+        if self._state is not _State.ESTABLISHED:
+            return b""
+        outbox = self._outbox
+        parts: list[bytes] = []
+        size = 0
+        while size < budget:
+            frame = outbox.pop()
+            if frame is None:
+                break
+            header, message, start, end = frame
+            if start == 0 and end == len(message):
+                wire = self._seal(header + message)
+            else:
+                wire = self._seal(header + memoryview(message)[start:end])
+            parts.append(wire)
+            size += len(wire)
+        return b"".join(parts)
+
+    def send(self, data: bytes, *, bulk: bool = False) -> bytes:
+        """Queue one message and return every frame now due (for tests and tools)."""
+        if not self.queue(data, bulk=bulk):
+            raise LinkStateError("the send queue is full")
+        return self.take(1 << 62)
+
+    def drop_queued(self) -> int:
+        """Forget what was never sent (the link is closing); returns how many messages."""
+        return self._outbox.clear()
+
+    # -- internals
+
+    def _seal(self, plaintext: bytes) -> bytes:
         seq = self._send_seq
         if seq >= _SEQ_LIMIT:
             raise LinkStateError("frame counter exhausted; close the link")
         self._send_seq = seq + 1
-        header = _HEADER.pack(len(data) + _MIN_FRAME_BODY, seq)
-        return header + _encrypt(data, header, _NONCE_PAD + header[4:], self._send_key)
-
-    # -- internals
+        header = _HEADER.pack(len(plaintext) + _MIN_FRAME_BODY, seq)
+        return header + _encrypt(plaintext, header, _NONCE_PAD + header[4:], self._send_key)
 
     def _fail(self, reason: Reason, detail: str) -> Failed:
         self._state = _State.FAILED
         self._deadline = None
         self._buffer = bytearray()
+        self._reassembler = Reassembler(self.limits.max_message_size)
         self._shared = self._send_key = self._recv_key = self._k_hs_i = b""
         self.failure = Failed(reason, detail)
         return self.failure
@@ -314,10 +379,10 @@ class LinkCore:
         if self._state is _State.ESTABLISHED:
             if length < _MIN_FRAME_BODY:
                 return self._fail(Reason.MALFORMED_FRAME, f"frame record of {length} bytes")
-            if length > _MIN_FRAME_BODY + self.max_frame_size:
+            limit = _MIN_FRAME_BODY + self.limits.max_frame_size
+            if length > limit:
                 return self._fail(
-                    Reason.OVERSIZE_FRAME,
-                    f"frame record of {length} bytes, limit {_MIN_FRAME_BODY + self.max_frame_size}",
+                    Reason.OVERSIZE_FRAME, f"frame record of {length} bytes, limit {limit}"
                 )
         elif length > MAX_HANDSHAKE_RECORD:
             return self._fail(
@@ -342,7 +407,12 @@ class LinkCore:
         except nacl.exceptions.CryptoError:
             return self._fail(Reason.TAMPERED_FRAME, f"frame seq {seq} failed authentication")
         self._recv_seq = expected + 1
-        effects.append(Received(plaintext))
+        try:
+            message = self._reassembler.feed(plaintext)
+        except FragmentError as error:
+            return self._fail(Reason(error.reason), f"frame seq {seq}: {error.detail}")
+        if message is not None:
+            effects.append(Received(message))
         return None
 
     def _handshake(self, body: bytes, now: float, effects: list[Effect]) -> Failed | None:
@@ -460,51 +530,3 @@ class LinkCore:
         self._shared = self._k_hs_i = self._th2 = b""
         self._msg2 = b""
         self.peer = peer
-
-
-# --------------------------------------------------------------------------------
-# Link policy: which of two links to keep, and how long to wait before re-dialing
-
-
-def keep_new_link(
-    local_id: int, peer_id: int, *, existing_initiated_locally: bool, new_initiated_locally: bool
-) -> bool:
-    """The duplicate-link rule (§5): both ends pick the same survivor without talking.
-
-    Links in opposite directions: keep the one initiated by the lower node id.
-    Same direction: keep the newer (its initiator re-dialed, so it lost the old one).
-    """
-    if existing_initiated_locally == new_initiated_locally:
-        return True
-    return new_initiated_locally == (local_id < peer_id)
-
-
-class Backoff:
-    """Capped exponential reconnect delays with jitter; reset after a success (§5)."""
-
-    def __init__(
-        self,
-        rng: random.Random,
-        *,
-        initial: float = 0.5,
-        cap: float = 30.0,
-        factor: float = 2.0,
-        jitter: float = 0.5,
-    ) -> None:
-        if not (0 < initial <= cap and factor >= 1 and 0 <= jitter < 1):
-            raise ValueError("need 0 < initial <= cap, factor >= 1, 0 <= jitter < 1")
-        self._rng = rng
-        self.initial = initial
-        self.cap = cap
-        self.factor = factor
-        self.jitter = jitter
-        self.attempts = 0
-
-    def next_delay(self) -> float:
-        """The next wait: ``min(cap, initial * factor**n)`` scaled into ``[1-jitter, 1]``."""
-        base = min(self.cap, self.initial * self.factor ** min(self.attempts, 64))
-        self.attempts += 1
-        return base * (1.0 - self.jitter * self._rng.random())
-
-    def reset(self) -> None:
-        self.attempts = 0

@@ -5,8 +5,9 @@ encrypted links), optionally a :class:`~overlay.discovery_twisted.MulticastDisco
 (LAN beacons), and a pure :class:`~overlay.pastry.PastryNode`. It turns the core's
 effects into link traffic and link events into core input:
 
-* ``Send`` goes over the link to that peer; with no link yet, the message waits
-  (bounded) while the peer is dialled, and is dropped if no link comes up in time.
+* ``Send`` goes over the link to that peer; with no link yet, the link service
+  dials it and holds the message (bounded) until the link is up, or gives it up,
+  counted, if no link comes up in time.
 * A node starts as a one-node overlay at once, so it is usable immediately; the
   first peer it hears of becomes its way in (``join_via``), and every later one is
   offered to Pastry as a hint, which dials it only if it would improve the state
@@ -31,7 +32,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from overlay import wire
@@ -102,14 +103,6 @@ class OverlayConfig:
     lookup_timeout: float = 2.0
 
 
-@dataclass(slots=True)
-class _Dialling:
-    host: str
-    port: int
-    queue: list[bytes] = field(default_factory=list)
-    give_up: IDelayedCall | None = None
-
-
 class OverlayNode:
     """The overlay of one node (see the module docstring)."""
 
@@ -130,14 +123,22 @@ class OverlayNode:
         self._rng = rng
         self._entropy = entropy
         self.node_id = credentials.identity.node_id
-        self.links = LinkService(reactor, reactor, credentials, self, entropy=entropy, rng=rng)
+        self.links = LinkService(
+            reactor,
+            reactor,
+            credentials,
+            self,
+            entropy=entropy,
+            rng=rng,
+            dial_timeout=config.dial_timeout,
+            max_dial_queue=config.max_queued,
+        )
         self.discovery: Any = None  # a MulticastDiscovery, see attach_discovery
         self._discovery_core: Any = None
         self.pastry: PastryNode | None = None
         self.address = b""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self._listener: IListeningPort | None = None
-        self._dialling: dict[int, _Dialling] = {}
         self._heard_at: dict[int, tuple[str, int]] = {}  # where discovery heard a peer
         self._joined_via: int | None = None
         self._lookups: dict[int, Deferred[int]] = {}
@@ -170,10 +171,6 @@ class OverlayNode:
         if self.pastry is not None:
             self._apply(self.pastry.leave(self.reactor.seconds()))
         self._timer.stop()
-        for dialling in self._dialling.values():
-            if dialling.give_up is not None and dialling.give_up.active():
-                dialling.give_up.cancel()
-        self._dialling.clear()
         for pending in self._lookups.values():
             pending.errback(TimeoutError("node stopping"))
         self._lookups.clear()
@@ -221,18 +218,14 @@ class OverlayNode:
     def link_established(self, link: Link) -> None:
         peer = link.peer_node_id
         assert peer is not None
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None and dialling.give_up is not None and dialling.give_up.active():
-            dialling.give_up.cancel()
         pastry = self.pastry
         if pastry is None:
             return
-        if dialling is not None:
+        dialer = link.dialer
+        if dialer is not None and dialer.expected_peer == peer:
             # We dialled it, so we know where it listens: first-hand knowledge.
-            address = encode_address(dialling.port, [dialling.host.partition("%")[0]])
+            address = encode_address(dialer.port, [dialer.host.partition("%")[0]])
             self._apply(pastry.link_up(peer, address, self.reactor.seconds()))
-            for data in dialling.queue:
-                link.send(data)
         elif link.initiated_locally and self._joined_via is None:
             # A seed answered: join the overlay through it.
             host = getattr(link.address, "host", "")
@@ -257,6 +250,9 @@ class OverlayNode:
         peer = link.peer_node_id
         if peer is not None and self.pastry is not None:
             self._apply(self.pastry.link_down(peer, self.reactor.seconds()))
+
+    def link_writable(self, link: Link) -> None:
+        """Nothing here sends bulk data yet."""
 
     # -- Pastry effects ------------------------------------------------------------------
 
@@ -289,21 +285,8 @@ class OverlayNode:
             self._timer.wake(self.pastry.next_deadline())
 
     def _send(self, peer: int, address: bytes, data: bytes) -> None:
-        link = self.links.links.get(peer)
-        if link is not None:
-            link.send(data)
-            return
-        dialling = self._dialling.get(peer)
-        if dialling is None:
-            target = self._dial_target(peer, address)
-            if target is None:
-                return
-            host, port = target
-            dialling = self._dialling[peer] = _Dialling(host, port)
-            dialling.give_up = self.reactor.callLater(self.config.dial_timeout, self._give_up, peer)
-            self.links.connect(host, port, expected_peer=peer)
-        if len(dialling.queue) < self.config.max_queued:
-            dialling.queue.append(data)
+        dial_to = None if peer in self.links.links else self._dial_target(peer, address)
+        self.links.send(peer, data, dial_to=dial_to)
 
     def _dial_target(self, peer: int, address: bytes) -> tuple[str, int] | None:
         heard = self._heard_at.get(peer)
@@ -325,20 +308,8 @@ class OverlayNode:
             host = f"{host}%{self.config.scope_interface}"
         return host, port
 
-    def _give_up(self, peer: int) -> None:
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None and peer not in self.links.links:
-            self.links.disconnect(dialling.host, dialling.port)
-
     def _forget(self, peer: int) -> None:
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None:
-            if dialling.give_up is not None and dialling.give_up.active():
-                dialling.give_up.cancel()
-            self.links.disconnect(dialling.host, dialling.port)
-        link = self.links.links.get(peer)
-        if link is not None:
-            link.close()
+        self.links.close_peer(peer)
 
     # -- lookups ----------------------------------------------------------------------
 

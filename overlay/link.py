@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import nacl.bindings
 import nacl.exceptions
+from nacl._sodium import ffi as _ffi  # type: ignore[import-not-found]  # pynacl's libsodium
+from nacl._sodium import lib as _lib
 
 from overlay.identity import (
     Certificate,
@@ -61,6 +63,31 @@ _MIN_FRAME_BODY = 8 + TAG_SIZE
 
 _encrypt = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt
 _decrypt = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt
+
+
+def _seal_record(buffer: bytearray, record: int, size: int, key: bytes) -> None:
+    """Encrypt, in place, the ``size`` plaintext bytes behind the 12-byte frame header at
+    ``record`` and write the tag after them (§3). In place because a frame is one
+    fragment of up to 1 MiB: pynacl's bytes-in, bytes-out calls would copy it three
+    times more and zero a fresh buffer for each frame."""
+    base = _ffi.from_buffer(buffer)
+    body = base + record + FRAME_HEADER_SIZE
+    nonce = _NONCE_PAD + bytes(buffer[record + 4 : record + FRAME_HEADER_SIZE])
+    if _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        body, _ffi.NULL, body, size, base + record, FRAME_HEADER_SIZE, _ffi.NULL, nonce, key
+    ):
+        raise nacl.exceptions.CryptoError("encryption failed")
+
+
+def _open_record(buffer: bytearray, record: int, length: int, key: bytes) -> bool:
+    """Authenticate and decrypt, in place, the frame whose header is at ``record``."""
+    base = _ffi.from_buffer(buffer)
+    body = base + record + FRAME_HEADER_SIZE
+    nonce = _NONCE_PAD + bytes(buffer[record + 4 : record + FRAME_HEADER_SIZE])
+    failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+        body, _ffi.NULL, _ffi.NULL, body, length - 8, base + record, FRAME_HEADER_SIZE, nonce, key
+    )
+    return not failed
 
 
 class Reason(enum.StrEnum):
@@ -212,6 +239,7 @@ class LinkCore:
         self.role = role
         self.limits = limits
         self._outbox = Outbox(limits)
+        self._scratch = bytearray()
         self._reassembler = Reassembler(limits.max_message_size)
         self._credentials = credentials
         self._expected_peer = expected_peer
@@ -219,7 +247,8 @@ class LinkCore:
         self._ephemeral_public = nacl.bindings.crypto_scalarmult_base(self._ephemeral)
         self._deadline: float | None = now + handshake_timeout
         self._state = _State.AWAIT_MSG2 if role is Role.INITIATOR else _State.AWAIT_MSG1
-        self._buffer = bytearray()
+        self._buffer = bytearray(1 << 16)
+        self._start = self._end = 0
         self._msg1 = b""
         self._msg2 = b""
         self._shared = b""
@@ -282,11 +311,11 @@ class LinkCore:
         """Feed bytes from the peer; returns what to do, in order."""
         if self._state is _State.FAILED:
             return []
+        self._append(data)
         buffer = self._buffer
-        buffer += data
         effects: list[Effect] = []
-        pos = 0
-        end = len(buffer)
+        pos = self._start
+        end = self._end
         while end - pos >= 4:
             (length,) = _LENGTH.unpack_from(buffer, pos)
             failure = self._check_length(length)
@@ -304,8 +333,7 @@ class LinkCore:
             if failure is not None:
                 effects.append(failure)
                 return effects
-        if pos:
-            del buffer[:pos]
+        self._start, self._end = (0, 0) if pos == end else (pos, end)
         return effects
 
     def queue(self, data: bytes, *, bulk: bool = False) -> bool:
@@ -326,25 +354,38 @@ class LinkCore:
         """Encrypt queued frames, control first, until ``budget`` bytes or nothing is left.
 
         Frames are sealed only here, when the adapter can write them at once, so
-        their sequence numbers are the order they reach the wire.
+        their sequence numbers are the order they reach the wire. They are built
+        in one reused buffer and leave it as one ``bytes``: one copy in, one out.
         """
         if self._state is not _State.ESTABLISHED:
             return b""
         outbox = self._outbox
-        parts: list[bytes] = []
-        size = 0
-        while size < budget:
+        scratch = self._scratch
+        pos = 0
+        while pos < budget:
             frame = outbox.pop()
             if frame is None:
                 break
             header, message, start, end = frame
-            if start == 0 and end == len(message):
-                wire = self._seal(header + message)
-            else:
-                wire = self._seal(header + memoryview(message)[start:end])
-            parts.append(wire)
-            size += len(wire)
-        return b"".join(parts)
+            size = len(header) + end - start
+            record_end = pos + FRAME_OVERHEAD + size
+            if len(scratch) < record_end:
+                scratch.extend(bytes(record_end - len(scratch)))
+            seq = self._send_seq
+            if seq >= _SEQ_LIMIT:
+                raise LinkStateError("frame counter exhausted; close the link")
+            self._send_seq = seq + 1
+            _HEADER.pack_into(scratch, pos, size + _MIN_FRAME_BODY, seq)
+            body = pos + FRAME_HEADER_SIZE
+            scratch[body : body + len(header)] = header
+            with memoryview(message) as view, view[start:end] as fragment:
+                scratch[body + len(header) : body + size] = fragment
+            _seal_record(scratch, pos, size, self._send_key)
+            pos = record_end
+        if pos == 0:
+            return b""
+        with memoryview(scratch) as view, view[:pos] as frames:
+            return bytes(frames)
 
     def send(self, data: bytes, *, bulk: bool = False) -> bytes:
         """Queue one message and return every frame now due (for tests and tools)."""
@@ -358,18 +399,31 @@ class LinkCore:
 
     # -- internals
 
-    def _seal(self, plaintext: bytes) -> bytes:
-        seq = self._send_seq
-        if seq >= _SEQ_LIMIT:
-            raise LinkStateError("frame counter exhausted; close the link")
-        self._send_seq = seq + 1
-        header = _HEADER.pack(len(plaintext) + _MIN_FRAME_BODY, seq)
-        return header + _encrypt(plaintext, header, _NONCE_PAD + header[4:], self._send_key)
+    def _append(self, data: bytes) -> None:
+        """Add to the receive window ``_buffer[_start:_end]``. The buffer is reused, and
+        grows only to the largest frame seen plus one read: resizing a bytearray
+        with data deleted from its front reallocates it, and at frame sizes that
+        means fresh pages from the kernel for every frame."""
+        size = len(data)
+        buffer = self._buffer
+        start, end = self._start, self._end
+        if end + size > len(buffer):
+            live = end - start
+            if live + size > len(buffer):
+                grown = bytearray(max(live + size, 2 * len(buffer)))
+                grown[:live] = memoryview(buffer)[start:end]
+                self._buffer = buffer = grown
+            elif live:
+                _ffi.memmove(buffer, memoryview(buffer)[start:end], live)
+            start, end = 0, live
+        buffer[end : end + size] = data
+        self._start, self._end = start, end + size
 
     def _fail(self, reason: Reason, detail: str) -> Failed:
         self._state = _State.FAILED
         self._deadline = None
         self._buffer = bytearray()
+        self._start = self._end = 0
         self._reassembler = Reassembler(self.limits.max_message_size)
         self._shared = self._send_key = self._recv_key = self._k_hs_i = b""
         self.failure = Failed(reason, detail)
@@ -399,16 +453,12 @@ class LinkCore:
             if seq < expected:
                 return self._fail(Reason.REPLAYED_FRAME, f"frame seq {seq}, expected {expected}")
             return self._fail(Reason.REORDERED_FRAME, f"frame seq {seq}, expected {expected}")
-        header = bytes(buffer[start - 4 : start + 8])
-        with memoryview(buffer) as view:
-            ciphertext = bytes(view[start + 8 : start + length])
-        try:
-            plaintext = _decrypt(ciphertext, header, _NONCE_PAD + header[4:], self._recv_key)
-        except nacl.exceptions.CryptoError:
+        if not _open_record(buffer, start - 4, length, self._recv_key):
             return self._fail(Reason.TAMPERED_FRAME, f"frame seq {seq} failed authentication")
         self._recv_seq = expected + 1
         try:
-            message = self._reassembler.feed(plaintext)
+            body = start + 8
+            message = self._reassembler.feed(buffer, body, body + length - _MIN_FRAME_BODY)
         except FragmentError as error:
             return self._fail(Reason(error.reason), f"frame seq {seq}: {error.detail}")
         if message is not None:

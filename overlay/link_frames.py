@@ -185,25 +185,35 @@ class Outbox:
 
 
 class _Partial:
-    __slots__ = ("data", "total")
+    __slots__ = ("pieces", "size", "total")
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.data = bytearray()
+        self.size = 0
+        self.pieces: list[bytes] = []
 
 
 class Reassembler:
-    """Whole messages back from frame plaintexts, one message in progress per class."""
+    """Whole messages back from frame plaintexts, one message in progress per class.
+
+    Fragments are kept as they came and joined once, when the last one arrives:
+    one copy per byte, and memory that follows what arrived, not what was announced.
+    """
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE) -> None:
         self.max_message_size = max_message_size
         self._partial: dict[int, _Partial] = {}
 
-    def feed(self, plaintext: bytes) -> bytes | None:
-        """One frame plaintext in; the message it completes, or None. Raises FragmentError."""
-        if not plaintext:
+    def feed(self, data: bytes | bytearray, start: int = 0, end: int | None = None) -> bytes | None:
+        """One frame plaintext (``data[start:end]``) in; the message it completes, or None.
+
+        Raises :class:`FragmentError`. Keeps no reference to ``data``.
+        """
+        end = len(data) if end is None else end
+        size = end - start - 1
+        if size < 0:
             raise FragmentError("malformed-fragment", "empty frame")
-        kind = plaintext[0]
+        kind = data[start]
         if kind not in _KINDS:
             raise FragmentError("malformed-fragment", f"unknown fragment kind 0x{kind:02x}")
         traffic = kind & 0xF0
@@ -216,43 +226,51 @@ class Reassembler:
                     "malformed-fragment", f"new {name} message while one is in progress"
                 )
             if position == WHOLE:
-                if len(plaintext) - 1 > self.max_message_size:
-                    raise self._oversize(len(plaintext) - 1)
-                return plaintext[1:]
-            if len(plaintext) < FIRST_HEADER_SIZE:
+                if size > self.max_message_size:
+                    raise self._oversize(size)
+                return _copy(data, start + 1, end)
+            if size < FIRST_HEADER_SIZE - 1:
                 raise FragmentError("malformed-fragment", "first fragment without its length")
-            (total,) = _TOTAL.unpack_from(plaintext, 1)
+            (total,) = _TOTAL.unpack_from(data, start + 1)
             if total > self.max_message_size:
                 raise self._oversize(total)
-            size = len(plaintext) - FIRST_HEADER_SIZE
+            size -= FIRST_HEADER_SIZE - 1
             if not 0 < size < total:
                 raise FragmentError(
                     "malformed-fragment", f"first fragment of {size} bytes for {total}"
                 )
             partial = self._partial[traffic] = _Partial(total)
-            partial.data += memoryview(plaintext)[FIRST_HEADER_SIZE:]
+            partial.pieces.append(_copy(data, start + FIRST_HEADER_SIZE, end))
+            partial.size = size
             return None
         if partial is None:
             raise FragmentError("malformed-fragment", f"{name} continuation without a start")
-        size = len(plaintext) - 1
-        have = len(partial.data) + size
+        have = partial.size + size
         if size == 0 or (have >= partial.total if position == MIDDLE else have != partial.total):
             raise FragmentError(
                 "malformed-fragment",
-                f"{name} fragment of {size} bytes at {len(partial.data)} of {partial.total}",
+                f"{name} fragment of {size} bytes at {partial.size} of {partial.total}",
             )
-        partial.data += memoryview(plaintext)[1:]
+        partial.pieces.append(_copy(data, start + 1, end))
+        partial.size = have
         if position == MIDDLE:
             return None
         del self._partial[traffic]
-        return bytes(partial.data)
+        return b"".join(partial.pieces)
 
     @property
     def buffered(self) -> int:
         """Bytes held in messages not complete yet."""
-        return sum(len(p.data) for p in self._partial.values())
+        return sum(p.size for p in self._partial.values())
 
     def _oversize(self, size: int) -> FragmentError:
         return FragmentError(
             "oversize-message", f"message of {size} bytes, limit {self.max_message_size}"
         )
+
+
+def _copy(data: bytes | bytearray, start: int, end: int) -> bytes:
+    if start == 0 and end == len(data) and isinstance(data, bytes):
+        return data
+    with memoryview(data) as view, view[start:end] as piece:
+        return bytes(piece)

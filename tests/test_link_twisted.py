@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -498,6 +499,9 @@ async def test_loopback_16_mib_message_with_control_traffic_alongside() -> None:
         a.connect("127.0.0.1", port_b)
         await wait_for(lambda: bool(ha.established and hb.established))
         link = a.links[b.node_id]
+        handle = cast(Any, link.transport).getHandle()
+        assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= a.socket_buffer
+        assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * a.socket_buffer
         big = os.urandom(16 << 20)
         assert link.send(big, bulk=True)
         assert link.congested

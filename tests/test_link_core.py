@@ -26,7 +26,7 @@ from overlay.link import (
     Transmit,
 )
 from overlay.link_frames import DEFAULT_MAX_FRAME, LinkLimits
-from overlay.link_policy import Backoff, keep_new_link
+from overlay.link_policy import Backoff, HandshakeLimiter, keep_new_link
 
 NET = NetworkKey("home", bytes(range(32)))
 OTHER_NET = NetworkKey("home", bytes(range(1, 33)))
@@ -471,3 +471,16 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
     assert [again.next_delay() for _ in range(10)] == delays, "reproducible from the seed"
     with pytest.raises(ValueError):
         Backoff(random.Random(), initial=2, cap=1)
+
+
+def test_handshake_limiter_refills_per_source_and_bounds_its_memory() -> None:
+    limiter = HandshakeLimiter(rate=2.0, burst=3, max_sources=4)
+    assert [limiter.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b", 0.0), "sources do not share a bucket"
+    assert not limiter.allow("a", 0.4) and limiter.allow("a", 0.5), "two tokens a second"
+    assert [limiter.allow("a", 100.0) for _ in range(4)] == [True, True, True, False], "capped"
+    for n in range(50):
+        limiter.allow(f"s{n}", 200.0 + n)
+    assert len(limiter._buckets) <= 4
+    with pytest.raises(ValueError):
+        HandshakeLimiter(rate=0, burst=1)

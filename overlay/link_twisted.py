@@ -352,8 +352,10 @@ class Link(Protocol):
     def _write_all(self) -> None:
         """Everything queued, whatever the transport holds already (we are hanging up)."""
         core = self._core
-        if core is not None and self.transport is not None and core.has_output:
-            data = core.take(1 << 62)
+        if core is None or self.transport is None:
+            return
+        while core.has_output:
+            data = core.take(core.limits.fragment_size)
             self.bytes_sent += len(data)
             self.service.bytes_sent += len(data)
             self.transport.write(data)

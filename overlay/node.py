@@ -39,6 +39,7 @@ from overlay import wire
 from overlay.discovery import PeerForgotten, PeerSeen, SeedCandidate
 from overlay.identity import Credentials, NetworkKey
 from overlay.ids import format_id
+from overlay.link_frames import DEFAULT_LIMITS, LinkLimits
 from overlay.link_twisted import Link, LinkService, describe_address
 from overlay.pastry import (
     Deliver,
@@ -100,6 +101,9 @@ class OverlayConfig:
     """A peer that cannot be linked within this long loses the messages queued for it."""
     max_queued: int = 256
     """Messages held per peer while its link is being set up."""
+    link_limits: LinkLimits = DEFAULT_LIMITS
+    """Message, frame and queue limits of every link (the message limit should cover the
+    relay's ``--max-message-size`` plus the node-to-node envelope)."""
     lookup_timeout: float = 2.0
 
 
@@ -130,6 +134,7 @@ class OverlayNode:
             self,
             entropy=entropy,
             rng=rng,
+            limits=config.link_limits,
             dial_timeout=config.dial_timeout,
             max_dial_queue=config.max_queued,
         )

@@ -62,6 +62,8 @@ def _fire(deferred: Any, value: Any = None) -> None:
 
 FRAGMENT = 0
 """Fragment size for both ends (``--fragment-kib``); 0: the library's default."""
+SOCKET_BUFFER = -1
+"""Kernel buffers of each link (``--socket-buffer-kib``); -1: the library's default."""
 
 
 def _service(reactor: Any, handler: Any, key_file: str | None = None) -> Any:
@@ -79,6 +81,7 @@ def _service(reactor: Any, handler: Any, key_file: str | None = None) -> Any:
         entropy=os.urandom,
         rng=random.Random(),
         limits=LinkLimits(fragment_size=FRAGMENT) if FRAGMENT else LinkLimits(),
+        **({} if SOCKET_BUFFER < 0 else {"socket_buffer": SOCKET_BUFFER}),
         handshake_rate=1e6,  # the handshake figure sets up links from one source in a row
     )
 
@@ -177,6 +180,7 @@ async def serve(reactor: Any, key_file: str) -> None:
             super().__init__()
             self.received = 0
             self.delays: list[float] = []
+            self.cpu = time.process_time()
 
         def frame_received(self, link: Any, data: bytes) -> None:
             kind = data[:1]
@@ -184,9 +188,10 @@ async def serve(reactor: Any, key_file: str) -> None:
                 _, stamp = _STAMP.unpack_from(data)
                 self.delays.append(time.monotonic() - stamp)
             elif kind == b"R":  # report and reset
-                report = {"bytes": self.received, "delays": self.delays}
+                cpu = time.process_time()
+                report = {"bytes": self.received, "delays": self.delays, "cpu_s": cpu - self.cpu}
                 link.send(json.dumps(report).encode())
-                self.received, self.delays = 0, []
+                self.received, self.delays, self.cpu = 0, [], cpu
             elif kind == b"Q":
                 reactor.callLater(0.2, _fire, done)
             else:
@@ -199,13 +204,18 @@ async def serve(reactor: Any, key_file: str) -> None:
     @implementer(IHalfCloseableProtocol)
     class Sink(Protocol):
         received = 0
+        cpu = 0.0
+
+        def connectionMade(self) -> None:
+            self.cpu = time.process_time()
 
         def dataReceived(self, data: bytes) -> None:
             self.received += len(data)
 
         def readConnectionLost(self) -> None:
             assert self.transport is not None
-            self.transport.write(str(self.received).encode())
+            cpu = time.process_time() - self.cpu
+            self.transport.write(f"{self.received} {cpu}".encode())
             self.transport.loseConnection()
 
         def writeConnectionLost(self) -> None:
@@ -291,7 +301,8 @@ async def send_link_throughput(reactor: Any, options: argparse.Namespace) -> Rec
         await link.wait_writable()
     sent += await _push_bulk(link, CHUNK, marker=b"A")  # the last one is answered
     assert await handler.answer() == b"ack"
-    counted = (await _report(link, handler))["bytes"]
+    report = await _report(link, handler)
+    counted = report["bytes"]
     elapsed = time.perf_counter() - start
     await service.stop()
     if counted != sent:
@@ -301,6 +312,7 @@ async def send_link_throughput(reactor: Any, options: argparse.Namespace) -> Rec
         "bytes": sent,
         "seconds": elapsed,
         "cpu_s": time.process_time() - cpu,
+        "receiver_cpu_s": report["cpu_s"],
     }
 
 
@@ -415,7 +427,8 @@ async def send_raw(reactor: Any, options: argparse.Namespace) -> Record:
             sent += CHUNK
         await pusher.wait_writable()
     pusher.transport.loseWriteConnection()  # type: ignore[attr-defined]
-    counted = int(await pusher.answer)
+    count, receiver_cpu = (await pusher.answer).split()
+    counted = int(count)
     elapsed = time.perf_counter() - start
     pusher.transport.loseConnection()
     if counted != sent:
@@ -425,7 +438,15 @@ async def send_raw(reactor: Any, options: argparse.Namespace) -> Record:
         "bytes": sent,
         "seconds": elapsed,
         "cpu_s": time.process_time() - cpu,
+        "receiver_cpu_s": float(receiver_cpu),
     }
+
+
+def cpu_bound_mb_per_s(result: Record) -> float:
+    """MB/s if the busier end had a core to itself: bytes over its CPU seconds (user +
+    system). Less sensitive to other load on a shared machine than wall-clock figures."""
+    busier: float = max(result["cpu_s"], result["receiver_cpu_s"])
+    return int(result["bytes"]) / busier / 1e6
 
 
 # -- the orchestrator --------------------------------------------------------------------
@@ -442,6 +463,7 @@ def between_namespaces(options: argparse.Namespace) -> Record:
         receiver.wait_for_log(lambda r: bool(r.get("listening")), 30)
         common = ["--host", host, "--key", key, "--seconds", str(options.seconds)]
         common += ["--bulk-mib", str(options.bulk_mib), "--fragment-kib", str(options.fragment_kib)]
+        common += ["--socket-buffer-kib", str(options.socket_buffer_kib)]
         timeout = 6 * options.seconds + options.bulk_mib / 10 + 120
 
         def run(mode: str) -> Record:
@@ -478,8 +500,21 @@ def report(document: Record) -> str:
             f"chunks {raw:6.0f} MB/s, link / raw = {mine / raw:.2f}"
         )
     ratio = statistics.median(p["link"]["mb_per_s"] / p["raw"]["mb_per_s"] for p in ns["rounds"])
+    lines.append(f"  link / raw, median of rounds:     {ratio:8.2f}        (target >= 0.4)")
+    for name in ("link", "raw"):
+        runs = [p[name] for p in ns["rounds"]]
+        sender = statistics.median(1e9 * r["cpu_s"] / r["bytes"] for r in runs)
+        receiver = statistics.median(1e9 * r["receiver_cpu_s"] / r["bytes"] for r in runs)
+        bound = statistics.median(cpu_bound_mb_per_s(r) for r in runs)
+        lines.append(
+            f"  {name + ' CPU per GB:':<33} sender {sender:5.2f} s, receiver {receiver:5.2f} s"
+            f"  -> {bound:5.0f} MB/s with a core per end"
+        )
+    cpu_ratio = statistics.median(
+        cpu_bound_mb_per_s(p["link"]) / cpu_bound_mb_per_s(p["raw"]) for p in ns["rounds"]
+    )
     lines += [
-        f"  link / raw, median of rounds:     {ratio:8.2f}        (target >= 0.4)",
+        f"  link / raw by CPU, median:        {cpu_ratio:8.2f}",
         f"  one 16 MiB message, send to ack:  {1000 * link['message_16mib']['median_s']:8.1f} ms"
         f"   ({16 * 1.048576 / link['message_16mib']['median_s']:.0f} MB/s)",
     ]
@@ -504,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--handshakes", type=int, default=200, help="links set up for the CPU")
     parser.add_argument("--bulk-mib", type=int, default=100, help="bulk data under heartbeats")
     parser.add_argument("--fragment-kib", type=int, default=0, help="fragment size (0: default)")
+    parser.add_argument(
+        "--socket-buffer-kib", type=int, default=-1, help="link socket buffers (0: autotuned)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -518,8 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--key", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-    global FRAGMENT
+    global FRAGMENT, SOCKET_BUFFER
     FRAGMENT = options.fragment_kib * 1024
+    SOCKET_BUFFER = options.socket_buffer_kib * 1024 if options.socket_buffer_kib >= 0 else -1
 
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react

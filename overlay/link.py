@@ -377,9 +377,11 @@ class LinkCore:
             self._send_seq = seq + 1
             _HEADER.pack_into(scratch, pos, size + _MIN_FRAME_BODY, seq)
             body = pos + FRAME_HEADER_SIZE
-            scratch[body : body + len(header)] = header
-            with memoryview(message) as view, view[start:end] as fragment:
-                scratch[body + len(header) : body + size] = fragment
+            # Through memoryviews: a bytearray slice assigned from anything but a
+            # bytearray first copies the source into a temporary bytearray.
+            with memoryview(scratch) as out, memoryview(message) as source:
+                out[body : body + len(header)] = header
+                out[body + len(header) : body + size] = source[start:end]
             _seal_record(scratch, pos, size, self._send_key)
             pos = record_end
         if pos == 0:
@@ -411,12 +413,14 @@ class LinkCore:
             live = end - start
             if live + size > len(buffer):
                 grown = bytearray(max(live + size, 2 * len(buffer)))
-                grown[:live] = memoryview(buffer)[start:end]
+                with memoryview(grown) as into, memoryview(buffer) as old:
+                    into[:live] = old[start:end]
                 self._buffer = buffer = grown
             elif live:
                 _ffi.memmove(buffer, memoryview(buffer)[start:end], live)
             start, end = 0, live
-        buffer[end : end + size] = data
+        with memoryview(buffer) as view:
+            view[end : end + size] = data  # one copy (see take)
         self._start, self._end = start, end + size
 
     def _fail(self, reason: Reason, detail: str) -> Failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ from overlay.link_frames import (
     FIRST,
     LAST,
     MIDDLE,
+    RETAINED_BUFFER,
     WHOLE,
     FragmentError,
     LinkLimits,
@@ -141,11 +143,24 @@ def test_bad_fragments(frames: list[bytes], reason: str) -> None:
     assert caught.value.reason == reason
 
 
-def test_the_limit_itself_is_allowed_and_nothing_is_allocated_ahead() -> None:
+def test_the_limit_itself_is_allowed() -> None:
     reassembler = Reassembler(1000)
     assert reassembler.feed(b"\x10" + bytes(1000)) == bytes(1000)
     assert reassembler.feed(b"\x11" + struct.pack(">I", 1000) + b"ab") is None
-    assert reassembler.buffered == 2, "memory follows what arrived, not what was announced"
+    assert reassembler.buffered == 2
+
+
+def test_reassembly_buffers_are_reused_only_up_to_a_size() -> None:
+    reassembler = Reassembler(3 << 20)
+    for size in (5000, 3000, 2 << 20, 4000):
+        message = os.urandom(size)
+        half = size // 2
+        first = b"\x11" + struct.pack(">I", size) + message[:half]
+        assert reassembler.feed(first) is None
+        assert reassembler.feed(b"\x13" + message[half:]) == message, "no stale bytes"
+    (kept,) = reassembler._buffers.values()
+    assert len(kept) == 5000, "the 2 MiB buffer was not kept; the first one still is"
+    assert RETAINED_BUFFER == 1 << 20
 
 
 @settings(max_examples=150, deadline=None)

@@ -182,6 +182,9 @@ async def serve(reactor: Any, key_file: str) -> None:
             self.delays: list[float] = []
             self.cpu = time.process_time()
 
+        def link_established(self, link: Any) -> None:
+            self.received, self.delays, self.cpu = 0, [], time.process_time()
+
         def frame_received(self, link: Any, data: bytes) -> None:
             kind = data[:1]
             if kind == b"H":  # a heartbeat, control or bulk

@@ -1,6 +1,7 @@
 """Link benchmark: handshake CPU, and links carrying traffic between two namespaces.
 
-    python -m bench.link_bench [--seconds S] [--handshakes N] [--bulk-mib M] [--json PATH]
+    python -m bench.link_bench [--seconds S] [--rounds R] [--handshakes N] [--bulk-mib M]
+                               [--fragment-kib K] [--socket-buffer-kib K] [--json PATH]
 
 Figures:
 
@@ -12,8 +13,10 @@ Figures:
   process in one and a receiver process in the other, on one link:
 
   - **throughput** of bulk messages (1 MiB each) for S seconds, and raw TCP
-    writes of the same chunks on the same path right after: MB/s (10^6 bytes)
-    and their ratio;
+    writes of the same chunks on the same path, alternating for ``--rounds``
+    rounds: MB/s (10^6 bytes), their ratio (median of the rounds), and the CPU
+    seconds per GB of each end (user + system; what the rate would be if the
+    busier end had a core to itself, less sensitive to a shared machine's load);
   - a **16 MiB message**: from ``send`` until the receiver's control answer
     comes back (3 times, the median);
   - **heartbeat delay under bulk**: a 64-byte control message every 10 ms,
@@ -492,10 +495,7 @@ def report(document: Record) -> str:
         lines.append(f"between namespaces: skipped ({document.get('skipped')})")
         return "\n".join(lines)
     link = ns["link"]
-    lines.append(
-        "between two namespaces (veth + bridge), one link; raw TCP and link alternate"
-        + ("; glibc mmap threshold 32 MiB:" if document["tuned_malloc"] else ":")
-    )
+    lines.append("between two namespaces (veth + bridge), one link; raw TCP and link alternate:")
     for k, pair in enumerate(ns["rounds"]):
         mine, raw = pair["link"]["mb_per_s"], pair["raw"]["mb_per_s"]
         lines.append(
@@ -547,11 +547,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--tuned-malloc",
-        action="store_true",
-        help="run both ends with glibc's mmap threshold fixed at 32 MiB (see docs/wire-link.md)",
-    )
     parser.add_argument("--rounds", type=int, default=3, help="raw/link throughput pairs")
     parser.add_argument(
         "--send", choices=["link", "link-throughput", "raw"], help=argparse.SUPPRESS
@@ -596,11 +591,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         if exit_.code:
             raise
-    if options.tuned_malloc:  # for the processes in the namespaces, raw and link alike
-        os.environ.update(
-            MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(64 << 20)
-        )
-    document["tuned_malloc"] = options.tuned_malloc
     reason = netns_available()
     if reason is None:
         document["namespaces"] = between_namespaces(options)

@@ -207,7 +207,7 @@ async def _link_throughput(reactor: Any, options: argparse.Namespace) -> Record:
             link.send(payload, bulk=True)
             sent += len(payload)
         await link.wait_writable()
-    link.send(END)
+    link.send(END, bulk=True)  # behind the data: control would overtake it
     answer = await handler.answer
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu

@@ -102,6 +102,9 @@ async def serve(reactor: Any, mode: str, key_file: str) -> None:
                 if self.received:
                     _fire(done)
 
+            def link_writable(self, link: Link) -> None:
+                pass
+
         _link_service(reactor, _credentials(key_file), Receiver()).listen(LINK_PORT, "0.0.0.0")
     else:
 
@@ -164,6 +167,9 @@ class _Sender:
     def link_lost(self, link: Any, reason: str) -> None:
         pass
 
+    def link_writable(self, link: Any) -> None:
+        pass  # the sender waits on link.wait_writable()
+
 
 def _credentials(key_file: str) -> Any:
     from overlay.identity import Credentials, NetworkKey, NodeIdentity
@@ -176,7 +182,13 @@ def _link_service(reactor: Any, credentials: Any, handler: Any) -> Any:
     from overlay.link_twisted import LinkService
 
     return LinkService(
-        reactor, reactor, credentials, handler, entropy=os.urandom, rng=random.Random()
+        reactor,
+        reactor,
+        credentials,
+        handler,
+        entropy=os.urandom,
+        rng=random.Random(),
+        handshake_rate=1e6,  # the handshake figure sets up links from one source in a row
     )
 
 
@@ -191,11 +203,11 @@ async def _link_throughput(reactor: Any, options: argparse.Namespace) -> Record:
     start = time.perf_counter()
     deadline = start + options.seconds
     while time.perf_counter() < deadline:
-        while not link.writing_paused:
-            link.send(payload)
+        while not link.congested:
+            link.send(payload, bulk=True)
             sent += len(payload)
         await link.wait_writable()
-    link.send(END)
+    link.send(END, bulk=True)  # behind the data: control would overtake it
     answer = await handler.answer
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu

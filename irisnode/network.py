@@ -17,6 +17,7 @@ from overlay.discovery import Discovery, DiscoveryConfig, parse_seed
 from overlay.discovery_twisted import DEFAULT_PORT, MulticastDiscovery, MulticastSockets
 from overlay.identity import Credentials, NetworkKey, NodeIdentity
 from overlay.interfaces import list_interfaces, select_interfaces
+from overlay.link_frames import LinkLimits
 from overlay.service import OverlayConfig, OverlayService
 from overlay.stack import UpperLayer
 from overlay.wire import MessageRegistry
@@ -39,6 +40,21 @@ def _reachable_hosts(interfaces: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(hosts))
 
 
+ENVELOPE = 4096
+"""Room for the node-to-node envelope around an application message of the largest size."""
+
+
+def link_limits(max_message_size: int) -> LinkLimits:
+    """Links that carry any message the relay accepts (``--max-message-size``)."""
+    largest = max_message_size + ENVELOPE
+    defaults = LinkLimits()
+    return LinkLimits(
+        max_message_size=largest,
+        max_bulk_queued=max(defaults.max_bulk_queued, 2 * largest),
+        max_control_queued=max(defaults.max_control_queued, largest),
+    )
+
+
 def message_registry() -> MessageRegistry:
     """Every node-to-node message this node speaks, from each family's ``register``."""
     registry = MessageRegistry()
@@ -52,6 +68,7 @@ def start_overlay(
     network: NetworkConfig,
     messaging: MessagingCore,
     *,
+    max_message_size: int,
     rng: random.Random,
     entropy: Entropy,
 ) -> OverlayService:
@@ -79,6 +96,7 @@ def start_overlay(
         link_interface=network.link_interface,
         advertised_hosts=tuple(advertised),
         scope_interface=scope,
+        link_limits=link_limits(max_message_size),
     )
     trees: list[scribe.ScribeCore] = []
 

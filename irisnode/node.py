@@ -137,7 +137,12 @@ class Node:
 
         try:
             self.overlay = start_overlay(
-                self.reactor, network, self.messaging, rng=self.rng, entropy=self.entropy
+                self.reactor,
+                network,
+                self.messaging,
+                max_message_size=self.config.relay_limits.max_payload,
+                rng=self.rng,
+                entropy=self.entropy,
             )
         except Exception as error:
             self.failed = error

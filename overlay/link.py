@@ -1,26 +1,31 @@
-"""The link protocol core: STS handshake, then AEAD frames (docs/wire-link.md §2-§3).
+"""The link protocol core: STS handshake, then AEAD frames (docs/wire-link.md §2-§4).
 
 Sans-I/O in the style of h11: :class:`LinkCore` takes the bytes that arrived
 (and ``now``) and returns effects in order — :class:`Transmit` (bytes to write),
-:class:`Established`, :class:`Received` (one decrypted frame) and at most one
-:class:`Failed` — after which it ignores everything. ``send`` turns one
-application frame into the bytes to write. It never reads a clock, never draws
-randomness except through the injected ``entropy`` (one 32-byte draw, at
-construction), never logs, and never touches a socket.
+:class:`Established`, :class:`Received` (one whole message, reassembled from its
+fragments) and at most one :class:`Failed` — after which it ignores everything.
+``queue`` takes a message to send (control or bulk, see
+:mod:`overlay.link_frames`) and ``take`` encrypts the next frames, control first,
+only when the adapter can write them, so sequence numbers follow wire order.
+It never reads a clock, never draws randomness except through the injected
+``entropy`` (one 32-byte draw, at construction), never logs, and never touches
+a socket.
 
-Also here, because they are pure: the duplicate-link rule and reconnect backoff.
+The pure link policies (duplicate links, backoff, handshake rate) live in
+:mod:`overlay.link_policy`.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-import random
 import struct
 from dataclasses import dataclass
 
 import nacl.bindings
 import nacl.exceptions
+from nacl._sodium import ffi as _ffi  # type: ignore[import-not-found]  # pynacl's libsodium
+from nacl._sodium import lib as _lib
 
 from overlay.identity import (
     Certificate,
@@ -29,17 +34,16 @@ from overlay.identity import (
     Entropy,
     verify_signature,
 )
+from overlay.link_frames import DEFAULT_LIMITS, FragmentError, LinkLimits, Outbox, Reassembler
 
 MAGIC = b"irislink"
-VERSION = 1
+VERSION = 2
 KEY_SIZE = 32
 TAG_SIZE = 16
 SIGNATURE_SIZE = 64
 MSG1_SIZE = len(MAGIC) + 1 + KEY_SIZE
 MAX_HANDSHAKE_RECORD = 1024
 MAX_CERTIFICATE = 512
-DEFAULT_MAX_FRAME = 1 << 20
-"""Largest plaintext in one data frame (1 MiB); a constructor argument."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 FRAME_HEADER_SIZE = 12
 FRAME_OVERHEAD = FRAME_HEADER_SIZE + TAG_SIZE
@@ -61,8 +65,33 @@ _encrypt = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt
 _decrypt = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt
 
 
+def _seal_record(buffer: bytearray, record: int, size: int, key: bytes) -> None:
+    """Encrypt, in place, the ``size`` plaintext bytes behind the 12-byte frame header at
+    ``record`` and write the tag after them (§3). In place because a frame is one
+    fragment of up to 1 MiB: pynacl's bytes-in, bytes-out calls would copy it three
+    times more and zero a fresh buffer for each frame."""
+    base = _ffi.from_buffer(buffer)
+    body = base + record + FRAME_HEADER_SIZE
+    nonce = _NONCE_PAD + bytes(buffer[record + 4 : record + FRAME_HEADER_SIZE])
+    if _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        body, _ffi.NULL, body, size, base + record, FRAME_HEADER_SIZE, _ffi.NULL, nonce, key
+    ):
+        raise nacl.exceptions.CryptoError("encryption failed")
+
+
+def _open_record(buffer: bytearray, record: int, length: int, key: bytes) -> bool:
+    """Authenticate and decrypt, in place, the frame whose header is at ``record``."""
+    base = _ffi.from_buffer(buffer)
+    body = base + record + FRAME_HEADER_SIZE
+    nonce = _NONCE_PAD + bytes(buffer[record + 4 : record + FRAME_HEADER_SIZE])
+    failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+        body, _ffi.NULL, _ffi.NULL, body, length - 8, base + record, FRAME_HEADER_SIZE, nonce, key
+    )
+    return not failed
+
+
 class Reason(enum.StrEnum):
-    """Why a link was dropped; the strings are the ``reason`` field of the logs (§4)."""
+    """Why a link was dropped; the strings are the ``reason`` field of the logs (§5)."""
 
     HANDSHAKE_TIMEOUT = "handshake-timeout"
     OVERSIZE_HANDSHAKE = "oversize-handshake"
@@ -79,12 +108,13 @@ class Reason(enum.StrEnum):
     UNEXPECTED_PEER = "unexpected-peer"
     MALFORMED_FRAME = "malformed-frame"
     OVERSIZE_FRAME = "oversize-frame"
+    MALFORMED_FRAGMENT = "malformed-fragment"
+    OVERSIZE_MESSAGE = "oversize-message"
     REPLAYED_FRAME = "replayed-frame"
     REORDERED_FRAME = "reordered-frame"
     TAMPERED_FRAME = "tampered-frame"
     CONNECTION_LOST = "connection-lost"
     DUPLICATE_LINK = "duplicate-link"
-    SEND_BUFFER_OVERFLOW = "send-buffer-overflow"
     CLOSED = "closed"
 
 
@@ -119,7 +149,7 @@ class Established:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One decrypted application frame, in the order the peer sent it."""
+    """One whole message, complete once its last fragment arrived."""
 
     data: bytes
 
@@ -191,7 +221,7 @@ class _State(enum.Enum):
 
 
 class LinkCore:
-    """One end of one link, from the first byte to the last (§2-§3)."""
+    """One end of one link, from the first byte to the last (§2-§4)."""
 
     def __init__(
         self,
@@ -200,23 +230,25 @@ class LinkCore:
         entropy: Entropy,
         now: float,
         *,
-        max_frame_size: int = DEFAULT_MAX_FRAME,
+        limits: LinkLimits = DEFAULT_LIMITS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         expected_peer: int | None = None,
     ) -> None:
-        if max_frame_size < 0:
-            raise ValueError("max_frame_size must not be negative")
         if expected_peer is not None and role is not Role.INITIATOR:
             raise ValueError("only the initiator knows whom it meant to reach")
         self.role = role
-        self.max_frame_size = max_frame_size
+        self.limits = limits
+        self._outbox = Outbox(limits)
+        self._scratch = bytearray()
+        self._reassembler = Reassembler(limits.max_message_size)
         self._credentials = credentials
         self._expected_peer = expected_peer
         self._ephemeral = entropy(KEY_SIZE)
         self._ephemeral_public = nacl.bindings.crypto_scalarmult_base(self._ephemeral)
         self._deadline: float | None = now + handshake_timeout
         self._state = _State.AWAIT_MSG2 if role is Role.INITIATOR else _State.AWAIT_MSG1
-        self._buffer = bytearray()
+        self._buffer = bytearray(1 << 16)
+        self._start = self._end = 0
         self._msg1 = b""
         self._msg2 = b""
         self._shared = b""
@@ -243,6 +275,24 @@ class LinkCore:
         """When :meth:`on_timer` must be called: the handshake deadline, or None."""
         return self._deadline
 
+    @property
+    def congested(self) -> bool:
+        """More bulk bytes queued than the high-water mark, until below the low-water mark."""
+        return self._outbox.congested
+
+    @property
+    def has_output(self) -> bool:
+        """Frames are waiting for :meth:`take`."""
+        return bool(self._outbox) and self._state is _State.ESTABLISHED
+
+    @property
+    def queued_bulk_bytes(self) -> int:
+        return self._outbox.bulk.bytes
+
+    @property
+    def queued_control_bytes(self) -> int:
+        return self._outbox.control.bytes
+
     # -- inputs
 
     def start(self) -> list[Effect]:
@@ -261,11 +311,11 @@ class LinkCore:
         """Feed bytes from the peer; returns what to do, in order."""
         if self._state is _State.FAILED:
             return []
+        self._append(data)
         buffer = self._buffer
-        buffer += data
         effects: list[Effect] = []
-        pos = 0
-        end = len(buffer)
+        pos = self._start
+        end = self._end
         while end - pos >= 4:
             (length,) = _LENGTH.unpack_from(buffer, pos)
             failure = self._check_length(length)
@@ -283,29 +333,102 @@ class LinkCore:
             if failure is not None:
                 effects.append(failure)
                 return effects
-        if pos:
-            del buffer[:pos]
+        self._start, self._end = (0, 0) if pos == end else (pos, end)
         return effects
 
-    def send(self, data: bytes) -> bytes:
-        """Encrypt one application frame; returns the bytes to write."""
+    def queue(self, data: bytes, *, bulk: bool = False) -> bool:
+        """Queue one message; False if its class's queue is full (§4).
+
+        Raises :class:`LinkStateError` before the link is established or for a
+        message over ``limits.max_message_size``: both are the caller's bug.
+        """
         if self._state is not _State.ESTABLISHED:
             raise LinkStateError(f"cannot send on a link that is {self._state.value}")
-        if len(data) > self.max_frame_size:
-            raise LinkStateError(f"frame of {len(data)} bytes exceeds {self.max_frame_size}")
-        seq = self._send_seq
-        if seq >= _SEQ_LIMIT:
-            raise LinkStateError("frame counter exhausted; close the link")
-        self._send_seq = seq + 1
-        header = _HEADER.pack(len(data) + _MIN_FRAME_BODY, seq)
-        return header + _encrypt(data, header, _NONCE_PAD + header[4:], self._send_key)
+        if len(data) > self.limits.max_message_size:
+            raise LinkStateError(
+                f"message of {len(data)} bytes exceeds {self.limits.max_message_size}"
+            )
+        return self._outbox.push(data, bulk=bulk)
+
+    def take(self, budget: int) -> bytes:
+        """Encrypt queued frames, control first, until ``budget`` bytes or nothing is left.
+
+        Frames are sealed only here, when the adapter can write them at once, so
+        their sequence numbers are the order they reach the wire. They are built
+        in one reused buffer and leave it as one ``bytes``: one copy in, one out.
+        """
+        if self._state is not _State.ESTABLISHED:
+            return b""
+        outbox = self._outbox
+        scratch = self._scratch
+        pos = 0
+        while pos < budget:
+            frame = outbox.pop()
+            if frame is None:
+                break
+            header, message, start, end = frame
+            size = len(header) + end - start
+            record_end = pos + FRAME_OVERHEAD + size
+            if len(scratch) < record_end:
+                scratch.extend(bytes(record_end - len(scratch)))
+            seq = self._send_seq
+            if seq >= _SEQ_LIMIT:
+                raise LinkStateError("frame counter exhausted; close the link")
+            self._send_seq = seq + 1
+            _HEADER.pack_into(scratch, pos, size + _MIN_FRAME_BODY, seq)
+            body = pos + FRAME_HEADER_SIZE
+            # Through memoryviews: a bytearray slice assigned from anything but a
+            # bytearray first copies the source into a temporary bytearray.
+            with memoryview(scratch) as out, memoryview(message) as source:
+                out[body : body + len(header)] = header
+                out[body + len(header) : body + size] = source[start:end]
+            _seal_record(scratch, pos, size, self._send_key)
+            pos = record_end
+        if pos == 0:
+            return b""
+        with memoryview(scratch) as view, view[:pos] as frames:
+            return bytes(frames)
+
+    def send(self, data: bytes, *, bulk: bool = False) -> bytes:
+        """Queue one message and return every frame now due (for tests and tools)."""
+        if not self.queue(data, bulk=bulk):
+            raise LinkStateError("the send queue is full")
+        return self.take(1 << 62)
+
+    def drop_queued(self) -> int:
+        """Forget what was never sent (the link is closing); returns how many messages."""
+        return self._outbox.clear()
 
     # -- internals
+
+    def _append(self, data: bytes) -> None:
+        """Add to the receive window ``_buffer[_start:_end]``. The buffer is reused, and
+        grows only to the largest frame seen plus one read: resizing a bytearray
+        with data deleted from its front reallocates it, and at frame sizes that
+        means fresh pages from the kernel for every frame."""
+        size = len(data)
+        buffer = self._buffer
+        start, end = self._start, self._end
+        if end + size > len(buffer):
+            live = end - start
+            if live + size > len(buffer):
+                grown = bytearray(max(live + size, 2 * len(buffer)))
+                with memoryview(grown) as into, memoryview(buffer) as old:
+                    into[:live] = old[start:end]
+                self._buffer = buffer = grown
+            elif live:
+                _ffi.memmove(buffer, memoryview(buffer)[start:end], live)
+            start, end = 0, live
+        with memoryview(buffer) as view:
+            view[end : end + size] = data  # one copy (see take)
+        self._start, self._end = start, end + size
 
     def _fail(self, reason: Reason, detail: str) -> Failed:
         self._state = _State.FAILED
         self._deadline = None
         self._buffer = bytearray()
+        self._start = self._end = 0
+        self._reassembler = Reassembler(self.limits.max_message_size)
         self._shared = self._send_key = self._recv_key = self._k_hs_i = b""
         self.failure = Failed(reason, detail)
         return self.failure
@@ -314,10 +437,10 @@ class LinkCore:
         if self._state is _State.ESTABLISHED:
             if length < _MIN_FRAME_BODY:
                 return self._fail(Reason.MALFORMED_FRAME, f"frame record of {length} bytes")
-            if length > _MIN_FRAME_BODY + self.max_frame_size:
+            limit = _MIN_FRAME_BODY + self.limits.max_frame_size
+            if length > limit:
                 return self._fail(
-                    Reason.OVERSIZE_FRAME,
-                    f"frame record of {length} bytes, limit {_MIN_FRAME_BODY + self.max_frame_size}",
+                    Reason.OVERSIZE_FRAME, f"frame record of {length} bytes, limit {limit}"
                 )
         elif length > MAX_HANDSHAKE_RECORD:
             return self._fail(
@@ -334,15 +457,16 @@ class LinkCore:
             if seq < expected:
                 return self._fail(Reason.REPLAYED_FRAME, f"frame seq {seq}, expected {expected}")
             return self._fail(Reason.REORDERED_FRAME, f"frame seq {seq}, expected {expected}")
-        header = bytes(buffer[start - 4 : start + 8])
-        with memoryview(buffer) as view:
-            ciphertext = bytes(view[start + 8 : start + length])
-        try:
-            plaintext = _decrypt(ciphertext, header, _NONCE_PAD + header[4:], self._recv_key)
-        except nacl.exceptions.CryptoError:
+        if not _open_record(buffer, start - 4, length, self._recv_key):
             return self._fail(Reason.TAMPERED_FRAME, f"frame seq {seq} failed authentication")
         self._recv_seq = expected + 1
-        effects.append(Received(plaintext))
+        try:
+            body = start + 8
+            message = self._reassembler.feed(buffer, body, body + length - _MIN_FRAME_BODY)
+        except FragmentError as error:
+            return self._fail(Reason(error.reason), f"frame seq {seq}: {error.detail}")
+        if message is not None:
+            effects.append(Received(message))
         return None
 
     def _handshake(self, body: bytes, now: float, effects: list[Effect]) -> Failed | None:
@@ -460,51 +584,3 @@ class LinkCore:
         self._shared = self._k_hs_i = self._th2 = b""
         self._msg2 = b""
         self.peer = peer
-
-
-# --------------------------------------------------------------------------------
-# Link policy: which of two links to keep, and how long to wait before re-dialing
-
-
-def keep_new_link(
-    local_id: int, peer_id: int, *, existing_initiated_locally: bool, new_initiated_locally: bool
-) -> bool:
-    """The duplicate-link rule (§5): both ends pick the same survivor without talking.
-
-    Links in opposite directions: keep the one initiated by the lower node id.
-    Same direction: keep the newer (its initiator re-dialed, so it lost the old one).
-    """
-    if existing_initiated_locally == new_initiated_locally:
-        return True
-    return new_initiated_locally == (local_id < peer_id)
-
-
-class Backoff:
-    """Capped exponential reconnect delays with jitter; reset after a success (§5)."""
-
-    def __init__(
-        self,
-        rng: random.Random,
-        *,
-        initial: float = 0.5,
-        cap: float = 30.0,
-        factor: float = 2.0,
-        jitter: float = 0.5,
-    ) -> None:
-        if not (0 < initial <= cap and factor >= 1 and 0 <= jitter < 1):
-            raise ValueError("need 0 < initial <= cap, factor >= 1, 0 <= jitter < 1")
-        self._rng = rng
-        self.initial = initial
-        self.cap = cap
-        self.factor = factor
-        self.jitter = jitter
-        self.attempts = 0
-
-    def next_delay(self) -> float:
-        """The next wait: ``min(cap, initial * factor**n)`` scaled into ``[1-jitter, 1]``."""
-        base = min(self.cap, self.initial * self.factor ** min(self.attempts, 64))
-        self.attempts += 1
-        return base * (1.0 - self.jitter * self._rng.random())
-
-    def reset(self) -> None:
-        self.attempts = 0

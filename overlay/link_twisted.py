@@ -1,14 +1,15 @@
-"""Twisted shell around :class:`overlay.link.LinkCore` (docs/wire-link.md §5).
+"""Twisted shell around the link cores (docs/wire-link.md §6): :class:`LinkService`.
 
-* :class:`Link` is the ``Protocol`` of one TCP connection, dialer or listener
-  side. It feeds the core, owns one timer (the handshake deadline), writes what
-  the core says, and is a streaming producer for its transport so a slow peer
-  pauses the sender instead of growing a buffer without bound.
-* :class:`LinkService` is what a node holds: its credentials, a listening
-  factory, persistent dial loops (:class:`Dialer`, jittered backoff), the
-  duplicate-link rule, and one :class:`LinkHandler` that hears about links and
-  frames. Every failure is logged with its specific ``reason`` and closes that
-  one connection.
+What a node holds: its credentials, a listening factory with a per-source
+handshake rate limit, dialling (persistent loops for seeds and one-shot dials
+with a deadline for ``send(..., dial_to=)``, see :mod:`overlay.link_dial`), the
+duplicate-link rule, and one :class:`LinkHandler`. Each connection is a
+:class:`Link` (:mod:`overlay.link_protocol`). Every failure is logged with its
+specific ``reason`` and closes that one connection; every message given up is
+counted by reason and logged in summary.
+
+This module is the links' public API for the rest of the node: it also exports
+:class:`Link`, :class:`LinkHandler`, :class:`GiveUp` and :func:`describe_address`.
 
 The reactor and clock are constructor arguments; nothing here imports the
 global reactor.
@@ -17,307 +18,36 @@ global reactor.
 from __future__ import annotations
 
 import random
+from collections import Counter, deque
 from collections.abc import Mapping
-from typing import Protocol as TypingProtocol
+from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import (
     IAddress,
-    IConnector,
-    IConsumer,
     IDelayedCall,
     IListeningPort,
-    IPushProducer,
     IReactorTCP,
     IReactorTime,
-    ITCPTransport,
 )
-from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.internet.protocol import ServerFactory
 
-from overlay.identity import Certificate, Credentials, Entropy
-from overlay.link import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_MAX_FRAME,
-    Backoff,
-    Effect,
-    Established,
-    Failed,
-    LinkCore,
-    LinkStateError,
-    Reason,
-    Received,
-    Role,
-    Transmit,
-    keep_new_link,
+from overlay.identity import Credentials, Entropy
+from overlay.link import DEFAULT_HANDSHAKE_TIMEOUT, LinkStateError, Reason, Role
+from overlay.link_dial import Dialer
+from overlay.link_frames import DEFAULT_LIMITS, LinkLimits
+from overlay.link_policy import HandshakeLimiter, keep_new_link
+from overlay.link_protocol import (
+    GiveUp,
+    Link,
+    LinkHandler,
+    LogSummary,
+    describe_address,
+    format_node_id,
+    source_host,
 )
 
-DEFAULT_MAX_PAUSED_BYTES = 16 * 1024 * 1024
-"""Bytes a link accepts while its transport is paused before it gives up on the peer."""
-
-_log = Logger(namespace="overlay.link")
-
-
-class LinkHandler(TypingProtocol):
-    """What the node above the links implements (e.g. the Pastry integration).
-
-    ``link_established`` is called when a link becomes *the* link to its peer,
-    which may replace an earlier one (the replaced link is closed without a
-    ``link_lost``). ``link_lost`` is called when a peer's current link goes away.
-    ``frame_received`` may come from any authenticated link, including a
-    duplicate in its last moments; key on ``link.peer_node_id``.
-    """
-
-    def link_established(self, link: Link) -> None: ...
-
-    def frame_received(self, link: Link, data: bytes) -> None: ...
-
-    def link_lost(self, link: Link, reason: str) -> None: ...
-
-
-def describe_address(address: IAddress | None) -> str:
-    """``host:port`` (``[v6]:port``) for logs, with IPv4-mapped IPv6 shown as plain IPv4."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return "unknown"
-    if host.startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:") :]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def format_node_id(node_id: int | None) -> str:
-    return "-" if node_id is None else f"{node_id:032x}"
-
-
-@implementer(IPushProducer)
-class Link(Protocol):
-    """One authenticated, encrypted connection to one peer."""
-
-    def __init__(
-        self,
-        service: LinkService,
-        role: Role,
-        *,
-        expected_peer: int | None = None,
-        dialer: Dialer | None = None,
-    ) -> None:
-        self.service = service
-        self.role = role
-        self.expected_peer = expected_peer
-        self.dialer = dialer
-        self.peer: Established | None = None
-        self.close_reason: str | None = None
-        self.writing_paused = False
-        self._core: LinkCore | None = None
-        self._timer: IDelayedCall | None = None
-        self._paused_bytes = 0
-        self._writable: list[Deferred[None]] = []
-
-    # -- what the node uses
-
-    @property
-    def established(self) -> bool:
-        return self.peer is not None and self.close_reason is None
-
-    @property
-    def peer_node_id(self) -> int | None:
-        return None if self.peer is None else self.peer.peer_node_id
-
-    @property
-    def peer_public_key(self) -> bytes | None:
-        return None if self.peer is None else self.peer.peer_public_key
-
-    @property
-    def certificate(self) -> Certificate | None:
-        return None if self.peer is None else self.peer.certificate
-
-    @property
-    def initiated_locally(self) -> bool:
-        return self.role is Role.INITIATOR
-
-    @property
-    def address(self) -> IAddress | None:
-        return None if self.transport is None else self.transport.getPeer()
-
-    def send(self, data: bytes) -> bool:
-        """Encrypt and write one frame; False if the link is already closed.
-
-        Raises :class:`LinkStateError` before the link is established or for a
-        frame over the size limit (both are the caller's bug). While the peer
-        is slow (``writing_paused``) frames are still buffered, up to a bound.
-        """
-        if self.close_reason is not None:
-            return False
-        if self._core is None:
-            raise LinkStateError("the link has no connection yet")
-        wire = self._core.send(data)
-        if self.writing_paused:
-            self._paused_bytes += len(wire)
-            if self._paused_bytes > self.service.max_paused_bytes:
-                self._fail(Reason.SEND_BUFFER_OVERFLOW, f"{self._paused_bytes} bytes while paused")
-                return False
-        assert self.transport is not None
-        self.transport.write(wire)
-        return True
-
-    def wait_writable(self) -> Deferred[None]:
-        """Fires when the transport can take more (at once if it can), or the link closes."""
-        if not self.writing_paused or self.close_reason is not None:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._writable.append(waiter)
-        return waiter
-
-    def pause_reading(self) -> None:
-        """Stop reading from the peer (TCP pushes back on it) until :meth:`resume_reading`."""
-        if self.transport is not None and self.close_reason is None:
-            IPushProducer(self.transport).pauseProducing()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and self.close_reason is None:
-            IPushProducer(self.transport).resumeProducing()
-
-    def close(self) -> None:
-        """Close on purpose: flushes what was sent, then hangs up."""
-        self._close(Reason.CLOSED, "", abort=False)
-
-    # -- IPushProducer: the transport tells us when its write buffer is full
-
-    def pauseProducing(self) -> None:
-        self.writing_paused = True
-
-    def resumeProducing(self) -> None:
-        self.writing_paused = False
-        self._paused_bytes = 0
-        self._release_writers()
-
-    def stopProducing(self) -> None:
-        self._release_writers()
-
-    # -- Protocol
-
-    def connectionMade(self) -> None:
-        service = self.service
-        now = service.clock.seconds()
-        self._core = LinkCore(
-            self.role,
-            service.credentials,
-            service.entropy,
-            now,
-            max_frame_size=service.max_frame_size,
-            handshake_timeout=service.handshake_timeout,
-            expected_peer=self.expected_peer,
-        )
-        assert self.transport is not None
-        service._link_started(self)
-        IConsumer(self.transport).registerProducer(self, True)
-        tcp = ITCPTransport(self.transport, None)
-        if tcp is not None:
-            tcp.setTcpNoDelay(True)
-        self._schedule(now)
-        self._apply(self._core.start())
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._core is None or self.close_reason is not None:
-            return
-        self._apply(self._core.receive(data, self.service.clock.seconds()))
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self._cancel_timer()
-        self._release_writers()
-        if self.close_reason is None:
-            self.close_reason = Reason.CONNECTION_LOST
-            _log.info(
-                "link lost: {reason} peer={peer_id} address={address} role={role}",
-                reason=str(Reason.CONNECTION_LOST),
-                peer_id=format_node_id(self.peer_node_id),
-                address=describe_address(self.address),
-                role=self.role.value,
-            )
-            self.service._link_closed(self, Reason.CONNECTION_LOST)
-
-    # -- internals
-
-    def _apply(self, effects: list[Effect]) -> None:
-        for effect in effects:
-            if self.close_reason is not None:
-                return
-            if isinstance(effect, Received):
-                self.service.handler.frame_received(self, effect.data)
-            elif isinstance(effect, Transmit):
-                assert self.transport is not None
-                self.transport.write(effect.data)
-            elif isinstance(effect, Established):
-                self._cancel_timer()
-                self.peer = effect
-                _log.info(
-                    "link established: peer={peer_id} address={address} role={role}",
-                    peer_id=format_node_id(effect.peer_node_id),
-                    address=describe_address(self.address),
-                    role=self.role.value,
-                )
-                self.service._link_established(self)
-            elif isinstance(effect, Failed):
-                self._fail(effect.reason, effect.detail)
-
-    def _fail(self, reason: Reason, detail: str) -> None:
-        self._close(reason, detail, abort=True)
-
-    def _close(self, reason: Reason, detail: str, *, abort: bool) -> None:
-        """Hang up (never telling the peer why), log the reason, tell the service once."""
-        if self.close_reason is not None:
-            return
-        self.close_reason = reason
-        self._cancel_timer()
-        # Closing on purpose and the duplicate-link rule are routine, not failures.
-        routine = reason in (Reason.CLOSED, Reason.DUPLICATE_LINK)
-        log = _log.debug if routine else _log.warn
-        log(
-            "link {outcome}: {reason} ({detail}) peer={peer_id} address={address} role={role}",
-            outcome="closed" if routine else "failed",
-            reason=str(reason),
-            detail=detail,
-            peer_id=format_node_id(self.peer_node_id),
-            address=describe_address(self.address),
-            role=self.role.value,
-        )
-        if self.transport is not None:
-            tcp = ITCPTransport(self.transport, None)
-            if abort and tcp is not None:
-                tcp.abortConnection()
-            else:
-                self.transport.loseConnection()
-        self._release_writers()
-        self.service._link_closed(self, reason)
-
-    def _schedule(self, now: float) -> None:
-        assert self._core is not None
-        deadline = self._core.next_deadline()
-        if deadline is not None:
-            self._timer = self.service.clock.callLater(max(0.0, deadline - now), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._core is None or self.close_reason is not None:
-            return
-        now = self.service.clock.seconds()
-        self._apply(self._core.on_timer(now))
-        if self.close_reason is None and self._timer is None:
-            self._schedule(now)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _release_writers(self) -> None:
-        waiters, self._writable = self._writable, []
-        for waiter in waiters:
-            waiter.callback(None)
+__all__ = ["GiveUp", "Link", "LinkHandler", "LinkService", "describe_address", "format_node_id"]
 
 
 class _ListeningFactory(ServerFactory):
@@ -326,122 +56,30 @@ class _ListeningFactory(ServerFactory):
     def __init__(self, service: LinkService) -> None:
         self.service = service
 
-    def buildProtocol(self, addr: IAddress | None) -> Link:
-        return Link(self.service, Role.RESPONDER)
+    def buildProtocol(self, addr: IAddress | None) -> Link | None:
+        """A responder link, unless this source used up its handshakes (then Twisted
+        closes the connection before a byte is read: no CPU spent on it)."""
+        service = self.service
+        source = source_host(addr)
+        if not service.handshake_limiter.allow(source, service.clock.seconds()):
+            service.handshakes_refused += 1
+            service.refusals.add("rate-limited", source)
+            return None
+        return Link(service, Role.RESPONDER)
 
 
-class _DialingFactory(ClientFactory):
-    noisy = False
+@dataclass(slots=True)
+class _Waiting:
+    """Messages for a peer being dialled, flushed in order once its link is up."""
 
-    def __init__(self, dialer: Dialer) -> None:
-        self.dialer = dialer
-
-    def buildProtocol(self, addr: IAddress | None) -> Link:
-        dialer = self.dialer
-        link = Link(
-            dialer.service, Role.INITIATOR, expected_peer=dialer.expected_peer, dialer=dialer
-        )
-        dialer.link = link
-        return link
-
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        self.dialer._connection_failed(reason)
-
-
-class Dialer:
-    """Keeps a link to one address: dial, and re-dial with jittered backoff (§5).
-
-    After a link that lost the duplicate rule, it waits until the peer has no
-    link at all, then dials again.
-    """
-
-    def __init__(self, service: LinkService, host: str, port: int, expected_peer: int | None):
-        self.service = service
-        self.host = host
-        self.port = port
-        self.expected_peer = expected_peer
-        self.link: Link | None = None
-        self.parked_on: int | None = None
-        self.stopped = False
-        self.last_failure: str | None = None
-        """Why the last attempt failed (None once linked): what ``irisnode status`` shows."""
-        self.backoff = Backoff(
-            service.rng, initial=service.backoff_initial, cap=service.backoff_cap
-        )
-        self._timer: IDelayedCall | None = None
-        self._connector: IConnector | None = None
-
-    def start(self) -> None:
-        self._dial()
-
-    def stop(self) -> None:
-        """Stop re-dialing; an established link stays up (close it separately if wanted)."""
-        self.stopped = True
-        self.parked_on = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self.link is None and self._connector is not None:
-            self._connector.stopConnecting()
-
-    def _dial(self) -> None:
-        self._timer = None
-        self.parked_on = None
-        if self.stopped:
-            return
-        self.link = None
-        self._connector = self.service.reactor.connectTCP(
-            self.host,
-            self.port,
-            _DialingFactory(self),
-            timeout=max(1, round(self.service.handshake_timeout)),
-        )
-
-    def _retry_later(self) -> None:
-        if self.stopped or self._timer is not None:
-            return
-        delay = self.backoff.next_delay()
-        _log.debug(
-            "redial {host}:{port} in {delay:.2f}s", host=self.host, port=self.port, delay=delay
-        )
-        self._timer = self.service.clock.callLater(delay, self._dial)
-
-    def _connection_failed(self, reason: Failure) -> None:
-        _log.info(
-            "dial failed: {host}:{port}: {error}",
-            host=self.host,
-            port=self.port,
-            error=reason.getErrorMessage(),
-        )
-        self._connector = None
-        self.last_failure = reason.getErrorMessage()
-        self._retry_later()
-
-    def _established(self, link: Link) -> None:
-        self.backoff.reset()
-        self.last_failure = None
-
-    def _link_ended(self, link: Link, reason: Reason) -> None:
-        if link is not self.link:
-            return
-        self.link = None
-        self._connector = None
-        if reason not in (Reason.CLOSED, Reason.DUPLICATE_LINK):
-            self.last_failure = str(reason)
-        peer = link.peer_node_id
-        if peer is not None and peer in self.service.links:
-            self.parked_on = peer  # another link to the same node won; wait for it to end
-            return
-        self._retry_later()
-
-    def _peer_unlinked(self, peer_id: int) -> None:
-        if self.parked_on == peer_id:
-            self.parked_on = None
-            self._retry_later()
+    dialer: Dialer
+    deadline: IDelayedCall
+    messages: deque[tuple[bytes, bool]] = field(default_factory=deque)
+    bytes: int = 0
 
 
 class LinkService:
-    """A node's links: listen, dial, keep one link per peer, tell the handler."""
+    """A node's links: listen, dial, keep one link per peer, send, tell the handler."""
 
     def __init__(
         self,
@@ -452,26 +90,49 @@ class LinkService:
         *,
         entropy: Entropy,
         rng: random.Random,
-        max_frame_size: int = DEFAULT_MAX_FRAME,
+        limits: LinkLimits = DEFAULT_LIMITS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         backoff_initial: float = 0.5,
         backoff_cap: float = 30.0,
-        max_paused_bytes: int = DEFAULT_MAX_PAUSED_BYTES,
+        dial_timeout: float = 5.0,
+        max_dial_queue: int = 256,
+        max_dial_queue_bytes: int = 32 << 20,
+        handshake_rate: float = 5.0,
+        handshake_burst: float = 20.0,
+        log_interval: float = 10.0,
+        socket_buffer: int = 256 * 1024,
     ) -> None:
+        if max_dial_queue_bytes < limits.max_message_size or max_dial_queue < 1:
+            raise ValueError("the dial queue must hold at least one message of the largest size")
         self.reactor = reactor
         self.clock = clock
         self.credentials = credentials
         self.handler = handler
         self.entropy = entropy
         self.rng = rng
-        self.max_frame_size = max_frame_size
+        self.limits = limits
         self.handshake_timeout = handshake_timeout
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
-        self.max_paused_bytes = max_paused_bytes
+        self.dial_timeout = dial_timeout
+        self.max_dial_queue = max_dial_queue
+        self.max_dial_queue_bytes = max_dial_queue_bytes
+        self.socket_buffer = socket_buffer
+        """SO_SNDBUF and SO_RCVBUF of each link (Linux doubles it; 0: the kernel's autotuning)."""
+        self.handshake_limiter = HandshakeLimiter(handshake_rate, handshake_burst)
+        self.given_up: Counter[str] = Counter()
+        """Messages given up, by :class:`GiveUp` reason."""
+        self.handshakes_refused = 0
+        """Inbound connections closed unread: their source was over its handshake rate."""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        """Wire bytes over every link, closed ones included (per link: ``Link.bytes_*``)."""
+        self.give_ups = LogSummary(clock, log_interval, "messages given up")
+        self.refusals = LogSummary(clock, log_interval, "inbound links refused")
         self._links: dict[int, Link] = {}
         self._all: set[Link] = set()
         self._dialers: dict[tuple[str, int], Dialer] = {}
+        self._waiting: dict[int, _Waiting] = {}
         self._ports: list[IListeningPort] = []
 
     @property
@@ -497,8 +158,47 @@ class LinkService:
         self._ports.append(listening)
         return listening
 
+    def send(
+        self,
+        peer_id: int,
+        data: bytes,
+        *,
+        bulk: bool = False,
+        dial_to: tuple[str, int] | None = None,
+    ) -> bool:
+        """Send one message to a peer, dialling ``dial_to`` first if there is no link.
+
+        Messages for a peer being dialled wait (at most ``max_dial_queue`` of them
+        and ``max_dial_queue_bytes``) and go out in order once its link is up; if
+        none comes up within ``dial_timeout`` they are given up. False means the
+        message was given up at once (counted in ``given_up``).
+        """
+        link = self._links.get(peer_id)
+        if link is not None:
+            return link.send(data, bulk=bulk)
+        if len(data) > self.limits.max_message_size:
+            self._give_up(GiveUp.OVERSIZE, peer_id, 1, f"{len(data)} bytes")
+            raise LinkStateError(
+                f"message of {len(data)} bytes exceeds {self.limits.max_message_size}"
+            )
+        waiting = self._waiting.get(peer_id)
+        if waiting is None:
+            if dial_to is None:
+                self._give_up(GiveUp.NO_LINK, peer_id, 1, "no address to dial")
+                return False
+            waiting = self._dial(peer_id, *dial_to)
+        if (
+            len(waiting.messages) >= self.max_dial_queue
+            or waiting.bytes + len(data) > self.max_dial_queue_bytes
+        ):
+            self._give_up(GiveUp.DIAL_QUEUE_FULL, peer_id, 1, f"{len(waiting.messages)} waiting")
+            return False
+        waiting.messages.append((data, bulk))
+        waiting.bytes += len(data)
+        return True
+
     def connect(self, host: str, port: int, *, expected_peer: int | None = None) -> Dialer:
-        """Keep a link to ``host:port`` (idempotent per address)."""
+        """Keep a link to ``host:port`` (idempotent per address): a seed."""
         key = (host, port)
         dialer = self._dialers.get(key)
         if dialer is None or dialer.stopped:
@@ -515,18 +215,64 @@ class LinkService:
             if dialer.link is not None:
                 dialer.link.close()
 
+    def close_peer(self, peer_id: int) -> None:
+        """Forget a peer: stop dialling it, give up what waits for it, close its link."""
+        waiting = self._waiting.pop(peer_id, None)
+        if waiting is not None:
+            self._abandon(peer_id, waiting, GiveUp.CLOSED, "the peer was dropped")
+        link = self._links.get(peer_id)
+        if link is not None:
+            link.close()
+
     def stop(self) -> Deferred[None]:
         """Stop dialing and listening, close every link."""
         for dialer in list(self._dialers.values()):
             dialer.stop()
         self._dialers.clear()
+        for peer_id, waiting in list(self._waiting.items()):
+            self._abandon(peer_id, waiting, GiveUp.CLOSED, "the node is stopping")
+        self._waiting.clear()
         for link in list(self._all):
             link.close()
+        self.give_ups.flush()
+        self.refusals.flush()
         stopping = [Deferred.fromCoroutine(_stop_listening(port)) for port in self._ports]
         self._ports.clear()
         return gatherResults(stopping).addCallback(lambda _: None)
 
-    # -- called by links
+    # -- dialling for send()
+
+    def _dial(self, peer_id: int, host: str, port: int) -> _Waiting:
+        dialer = Dialer(self, host, port, peer_id, one_shot=True)
+        deadline = self.clock.callLater(self.dial_timeout, self._dial_expired, peer_id)
+        waiting = self._waiting[peer_id] = _Waiting(dialer, deadline)
+        dialer.start()
+        return waiting
+
+    def _dial_expired(self, peer_id: int) -> None:
+        waiting = self._waiting.pop(peer_id, None)
+        if waiting is not None:
+            dialer = waiting.dialer
+            why = f"no link to {dialer.host}:{dialer.port} in {self.dial_timeout}s"
+            if dialer.last_failure:
+                why += f" (last: {dialer.last_failure})"
+            self._abandon(peer_id, waiting, GiveUp.DIAL_TIMEOUT, why)
+
+    def _abandon(self, peer_id: int, waiting: _Waiting, reason: GiveUp, why: str) -> None:
+        if waiting.deadline.active():
+            waiting.deadline.cancel()
+        waiting.dialer.stop()
+        if waiting.messages:
+            self._give_up(reason, peer_id, len(waiting.messages), why)
+
+    def _give_up(self, reason: GiveUp, peer_id: int | None, count: int, detail: str) -> None:
+        self.given_up[reason] += count
+        self.give_ups.add(str(reason), format_node_id(peer_id), count, detail=detail)
+
+    # -- called by links and dialers
+
+    def _outgoing_link(self, dialer: Dialer) -> Link:
+        return Link(self, Role.INITIATOR, expected_peer=dialer.expected_peer, dialer=dialer)
 
     def _link_started(self, link: Link) -> None:
         self._all.add(link)
@@ -549,6 +295,13 @@ class LinkService:
             self._links[peer] = link
             existing._close(Reason.DUPLICATE_LINK, "replaced by a new link", abort=False)
         self._links[peer] = link
+        waiting = self._waiting.pop(peer, None)
+        if waiting is not None:
+            waiting.deadline.cancel()
+            if waiting.dialer.link is not link:
+                waiting.dialer.stop()
+            for data, bulk in waiting.messages:
+                link.send(data, bulk=bulk)
         self.handler.link_established(link)
 
     def _link_closed(self, link: Link, reason: Reason) -> None:

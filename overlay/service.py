@@ -7,8 +7,9 @@ above it (lookups always; Scribe and messaging as the composition root adds them
 turns the stack's effects into link traffic and link events into stack input, with one
 timer for the whole stack:
 
-* ``Send`` goes over the link to that peer; with no link yet, the message waits
-  (bounded) while the peer is dialled, and is dropped if no link comes up in time.
+* ``Send`` goes over the link to that peer; with no link yet, the link service
+  dials it and holds the message (bounded) until the link is up, or gives it up,
+  counted, if no link comes up in time.
 * A node starts as a one-node overlay at once, so it is usable immediately; the
   first peer it hears of becomes its way in (``join_via``), and every later one is
   offered to Pastry as a hint, which dials it only if it would improve the state
@@ -34,12 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from overlay.discovery import PeerForgotten, PeerSeen, SeedCandidate
 from overlay.identity import Credentials, NetworkKey
 from overlay.ids import format_id
+from overlay.link_frames import DEFAULT_LIMITS, LinkLimits
 from overlay.link_twisted import Link, LinkService, describe_address
 from overlay.lookup import LookupAnswered, LookupCore
 from overlay.pastry import (
@@ -52,6 +54,7 @@ from overlay.pastry import (
     PeerDead,
     Ready,
     Send,
+    is_bulk,
 )
 from overlay.stack import OverlayStack, UpperLayer
 from overlay.timer import DeadlineTimer
@@ -102,15 +105,10 @@ class OverlayConfig:
     """A peer that cannot be linked within this long loses the messages queued for it."""
     max_queued: int = 256
     """Messages held per peer while its link is being set up."""
+    link_limits: LinkLimits = DEFAULT_LIMITS
+    """Message, frame and queue limits of every link (the message limit should cover the
+    relay's ``--max-message-size`` plus the node-to-node envelope)."""
     lookup_timeout: float = 2.0
-
-
-@dataclass(slots=True)
-class _Dialling:
-    host: str
-    port: int
-    queue: list[bytes] = field(default_factory=list)
-    give_up: IDelayedCall | None = None
 
 
 class OverlayService:
@@ -139,7 +137,17 @@ class OverlayService:
         self._upper_layers = upper_layers
         self._upcalls = upcalls
         self.node_id = credentials.identity.node_id
-        self.links = LinkService(reactor, reactor, credentials, self, entropy=entropy, rng=rng)
+        self.links = LinkService(
+            reactor,
+            reactor,
+            credentials,
+            self,
+            entropy=entropy,
+            rng=rng,
+            limits=config.link_limits,
+            dial_timeout=config.dial_timeout,
+            max_dial_queue=config.max_queued,
+        )
         self.discovery: Any = None  # a MulticastDiscovery, see attach_discovery
         self._discovery_core: Any = None
         self.stack: OverlayStack | None = None
@@ -148,7 +156,6 @@ class OverlayService:
         self.address = b""
         self._timer = DeadlineTimer(reactor, self._on_timer)
         self._listener: IListeningPort | None = None
-        self._dialling: dict[int, _Dialling] = {}
         self._heard_at: dict[int, tuple[str, int]] = {}  # where discovery heard a peer
         self._joined_via: int | None = None
         self._lookups: dict[int, Deferred[int]] = {}
@@ -182,10 +189,6 @@ class OverlayService:
         if self.pastry is not None:
             self.run(self.pastry.leave(self.reactor.seconds()))
         self._timer.stop()
-        for dialling in self._dialling.values():
-            if dialling.give_up is not None and dialling.give_up.active():
-                dialling.give_up.cancel()
-        self._dialling.clear()
         for pending in self._lookups.values():
             pending.errback(TimeoutError("node stopping"))
         self._lookups.clear()
@@ -233,18 +236,14 @@ class OverlayService:
     def link_established(self, link: Link) -> None:
         peer = link.peer_node_id
         assert peer is not None
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None and dialling.give_up is not None and dialling.give_up.active():
-            dialling.give_up.cancel()
         pastry = self.pastry
         if pastry is None:
             return
-        if dialling is not None:
+        dialer = link.dialer
+        if dialer is not None and dialer.expected_peer == peer:
             # We dialled it, so we know where it listens: first-hand knowledge.
-            address = encode_address(dialling.port, [dialling.host.partition("%")[0]])
+            address = encode_address(dialer.port, [dialer.host.partition("%")[0]])
             self.run(pastry.link_up(peer, address, self.reactor.seconds()))
-            for data in dialling.queue:
-                link.send(data)
         elif link.initiated_locally and self._joined_via is None:
             # A seed answered: join the overlay through it.
             host = getattr(link.address, "host", "")
@@ -258,7 +257,7 @@ class OverlayService:
         if peer is None or stack is None:
             return
         try:
-            message = self.registry.decode(data)
+            message = self.registry.decode(data, max_size=self.config.link_limits.max_message_size)
         except WireError as error:
             log.warn("dropping link to {peer}: {reason}", peer=format_id(peer), reason=str(error))
             link.close()
@@ -270,6 +269,9 @@ class OverlayService:
         if peer is not None and self.pastry is not None:
             assert self.stack is not None
             self._apply(self.stack.link_down(peer, self.reactor.seconds()))
+
+    def link_writable(self, link: Link) -> None:
+        """Nothing here waits for a link to drain yet (tunnels have their own credit)."""
 
     # -- the stack's effects ---------------------------------------------------------------
 
@@ -288,7 +290,9 @@ class OverlayService:
     def _apply(self, effects: Sequence[object], rearm: bool = True) -> None:
         for effect in effects:
             if type(effect) is Send:
-                self._send(effect.dst_id, effect.dst_address, self.registry.encode(effect.message))
+                message = effect.message
+                data = self.registry.encode(message)
+                self._send(effect.dst_id, effect.dst_address, data, is_bulk(message))
             elif type(effect) is LookupAnswered:
                 pending = self._lookups.pop(effect.nonce, None)
                 if pending is not None:
@@ -313,22 +317,9 @@ class OverlayService:
         if rearm and self.stack is not None:
             self._timer.wake(self.stack.next_deadline())
 
-    def _send(self, peer: int, address: bytes, data: bytes) -> None:
-        link = self.links.links.get(peer)
-        if link is not None:
-            link.send(data)
-            return
-        dialling = self._dialling.get(peer)
-        if dialling is None:
-            target = self._dial_target(peer, address)
-            if target is None:
-                return
-            host, port = target
-            dialling = self._dialling[peer] = _Dialling(host, port)
-            dialling.give_up = self.reactor.callLater(self.config.dial_timeout, self._give_up, peer)
-            self.links.connect(host, port, expected_peer=peer)
-        if len(dialling.queue) < self.config.max_queued:
-            dialling.queue.append(data)
+    def _send(self, peer: int, address: bytes, data: bytes, bulk: bool) -> None:
+        dial_to = None if peer in self.links.links else self._dial_target(peer, address)
+        self.links.send(peer, data, bulk=bulk, dial_to=dial_to)
 
     def _dial_target(self, peer: int, address: bytes) -> tuple[str, int] | None:
         heard = self._heard_at.get(peer)
@@ -350,20 +341,8 @@ class OverlayService:
             host = f"{host}%{self.config.scope_interface}"
         return host, port
 
-    def _give_up(self, peer: int) -> None:
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None and peer not in self.links.links:
-            self.links.disconnect(dialling.host, dialling.port)
-
     def _forget(self, peer: int) -> None:
-        dialling = self._dialling.pop(peer, None)
-        if dialling is not None:
-            if dialling.give_up is not None and dialling.give_up.active():
-                dialling.give_up.cancel()
-            self.links.disconnect(dialling.host, dialling.port)
-        link = self.links.links.get(peer)
-        if link is not None:
-            link.close()
+        self.links.close_peer(peer)
 
     # -- lookups ----------------------------------------------------------------------
 

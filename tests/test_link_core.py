@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 
 from overlay.identity import Credentials, NetworkKey, NodeIdentity
 from overlay.link import (
-    DEFAULT_MAX_FRAME,
     FRAME_OVERHEAD,
-    Backoff,
     Effect,
     Established,
     Failed,
@@ -26,8 +24,9 @@ from overlay.link import (
     Received,
     Role,
     Transmit,
-    keep_new_link,
 )
+from overlay.link_frames import DEFAULT_MAX_FRAME, LinkLimits
+from overlay.link_policy import Backoff, HandshakeLimiter, keep_new_link
 
 NET = NetworkKey("home", bytes(range(32)))
 OTHER_NET = NetworkKey("home", bytes(range(1, 33)))
@@ -122,7 +121,7 @@ def test_ciphertext_does_not_contain_the_plaintext() -> None:
     connect(i, r)
     secret = b"attack at dawn, bring snacks"
     assert secret not in i.send(secret)
-    assert len(i.send(secret)) == len(secret) + FRAME_OVERHEAD
+    assert len(i.send(secret)) == 1 + len(secret) + FRAME_OVERHEAD  # kind byte: whole, control
 
 
 def test_keys_differ_per_direction_and_per_link() -> None:
@@ -214,10 +213,11 @@ def test_tampered_msg1_breaks_the_keys() -> None:
     [
         (b"GET / HTTP/1.1\r\n", Reason.OVERSIZE_HANDSHAKE),
         (struct.pack(">I", 41) + b"notalink" + bytes(33), Reason.BAD_MAGIC),
-        (struct.pack(">I", 41) + b"irislink\x02" + bytes(32), Reason.UNSUPPORTED_VERSION),
-        (struct.pack(">I", 40) + b"irislink\x01" + bytes(31), Reason.MALFORMED_HANDSHAKE),
+        (struct.pack(">I", 41) + b"irislink\x01" + bytes(32), Reason.UNSUPPORTED_VERSION),
+        (struct.pack(">I", 41) + b"irislink\x03" + bytes(32), Reason.UNSUPPORTED_VERSION),
+        (struct.pack(">I", 40) + b"irislink\x02" + bytes(31), Reason.MALFORMED_HANDSHAKE),
         (struct.pack(">I", 0), Reason.BAD_MAGIC),
-        (struct.pack(">I", 41) + b"irislink\x01" + bytes(32), Reason.BAD_EPHEMERAL_KEY),
+        (struct.pack(">I", 41) + b"irislink\x02" + bytes(32), Reason.BAD_EPHEMERAL_KEY),
     ],
 )
 def test_bad_msg1(msg1: bytes, reason: Reason) -> None:
@@ -337,21 +337,29 @@ def test_frame_from_the_other_direction_fails() -> None:
 
 
 def test_oversize_frame_is_refused_from_its_prefix() -> None:
-    i, r = cores(max_frame_size=1000)
+    small = LinkLimits(max_frame_size=1000, fragment_size=995, max_message_size=5000)
+    i, r = cores(limits=small)
     connect(i, r)
     out = r.receive(struct.pack(">I", 8 + 1000 + 16 + 1), 0.0)
     assert failure(out) is Reason.OVERSIZE_FRAME
-    i, r = cores(max_frame_size=1000)
+    i, r = cores(limits=small)
     connect(i, r)
-    assert r.receive(i.send(bytes(1000)), 0.0) == [Received(bytes(1000))]
-    with pytest.raises(LinkStateError):
-        i.send(bytes(1001))
+    whole = i.send(bytes(995))
+    assert len(whole) == 4 + 8 + 1 + 995 + 16, "one frame: kind byte and the message"
+    assert r.receive(whole, 0.0) == [Received(bytes(995))]
+    two = i.send(bytes(996))
+    assert len(two) == (4 + 8 + 5 + 995 + 16) + (4 + 8 + 1 + 1 + 16), "a full first fragment"
+    assert r.receive(two, 0.0) == [Received(bytes(996))]
 
 
-def test_default_frame_limit_is_one_mebibyte() -> None:
+def test_default_limits() -> None:
     i, r = established()
-    assert i.max_frame_size == DEFAULT_MAX_FRAME == 1 << 20
-    assert r.receive(i.send(bytes(DEFAULT_MAX_FRAME)), 0.0) == [Received(bytes(DEFAULT_MAX_FRAME))]
+    assert i.limits.max_frame_size == DEFAULT_MAX_FRAME == 1 << 20
+    assert i.limits.max_message_size == 16 * 1024 * 1024 + 4096
+    big = os.urandom(i.limits.max_message_size)
+    assert r.receive(i.send(big, bulk=True), 0.0) == [Received(big)]
+    with pytest.raises(LinkStateError):
+        i.queue(bytes(i.limits.max_message_size + 1))
 
 
 def test_short_frame_record() -> None:
@@ -463,3 +471,16 @@ def test_backoff_grows_with_jitter_caps_and_resets() -> None:
     assert [again.next_delay() for _ in range(10)] == delays, "reproducible from the seed"
     with pytest.raises(ValueError):
         Backoff(random.Random(), initial=2, cap=1)
+
+
+def test_handshake_limiter_refills_per_source_and_bounds_its_memory() -> None:
+    limiter = HandshakeLimiter(rate=2.0, burst=3, max_sources=4)
+    assert [limiter.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b", 0.0), "sources do not share a bucket"
+    assert not limiter.allow("a", 0.4) and limiter.allow("a", 0.5), "two tokens a second"
+    assert [limiter.allow("a", 100.0) for _ in range(4)] == [True, True, True, False], "capped"
+    for n in range(50):
+        limiter.allow(f"s{n}", 200.0 + n)
+    assert len(limiter._buckets) <= 4
+    with pytest.raises(ValueError):
+        HandshakeLimiter(rate=0, burst=1)

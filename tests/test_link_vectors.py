@@ -1,7 +1,7 @@
-"""The test vectors of docs/wire-link.md §7, byte for byte.
+"""The test vectors of docs/wire-link.md §8, byte for byte.
 
 Three sources must agree: the hex printed in the doc, an independent
-re-implementation of the doc's sections 1-3 written here from primitives
+re-implementation of the doc's sections 1-4 written here from primitives
 (hashlib, struct, libsodium via pynacl's raw bindings), and the library
 (``overlay.identity`` / ``overlay.link``) fed the same fixed entropy.
 
@@ -20,6 +20,7 @@ import nacl.bindings as sodium
 
 from overlay.identity import Credentials, NetworkKey, NodeIdentity
 from overlay.link import Established, LinkCore, Received, Role, Transmit
+from overlay.link_frames import LinkLimits
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-link.md"
 
@@ -32,8 +33,10 @@ EPHEMERAL_R = bytes(range(0x80, 0xA0))
 CERT_I = {"serial": 1, "not_before": 0, "not_after": 0}
 CERT_R = {"serial": 2, "not_before": 1_700_000_000, "not_after": 1_900_000_000}
 NOW = 1_750_000_000
-FRAMES_I2R = [b"hello, responder", b""]
-FRAMES_R2I = [b"hello, initiator"]
+FRAGMENT_SIZE = 16
+BULK_I2R = b"a bulk message cut in three fragments"
+CONTROL_I2R = [b"hello, responder", b""]
+CONTROL_R2I = b"hello, initiator"
 
 INPUTS: dict[str, bytes] = {
     "network_name": NETWORK_NAME.encode(),
@@ -42,9 +45,10 @@ INPUTS: dict[str, bytes] = {
     "node_r_seed": NODE_R_SEED,
     "ephemeral_i": EPHEMERAL_I,
     "ephemeral_r": EPHEMERAL_R,
-    "frame_i2r_0_plaintext": FRAMES_I2R[0],
-    "frame_i2r_1_plaintext": FRAMES_I2R[1],
-    "frame_r2i_0_plaintext": FRAMES_R2I[0],
+    "message_i2r_bulk": BULK_I2R,
+    "message_i2r_control_0": CONTROL_I2R[0],
+    "message_i2r_control_1": CONTROL_I2R[1],
+    "message_r2i_control": CONTROL_R2I,
 }
 
 
@@ -92,7 +96,7 @@ def reference_vectors() -> dict[str, bytes]:
     assert shared == sodium.crypto_scalarmult(EPHEMERAL_R, e_i)
     out["shared_secret"] = shared
 
-    msg1 = b"irislink\x01" + e_i
+    msg1 = b"irislink\x02" + e_i
     out["msg1"] = struct.pack(">I", len(msg1)) + msg1
     th1 = _h(msg1 + e_r, b"iris-link-th1")
     out["th1"] = th1
@@ -124,8 +128,22 @@ def reference_vectors() -> dict[str, bytes]:
     out["k_i2r"] = k_i2r
     out["k_r2i"] = k_r2i
 
-    for direction, key, frames in (("i2r", k_i2r, FRAMES_I2R), ("r2i", k_r2i, FRAMES_R2I)):
-        for seq, plaintext in enumerate(frames):
+    # §4: the bulk message in fragments of 16 bytes, the first control message sent
+    # after the first bulk fragment went out (so it goes next), the empty one last.
+    total = struct.pack(">I", len(BULK_I2R))
+    plaintexts = {
+        "i2r": [
+            b"\x11" + total + BULK_I2R[:16],
+            b"\x00" + CONTROL_I2R[0],
+            b"\x12" + BULK_I2R[16:32],
+            b"\x13" + BULK_I2R[32:],
+            b"\x00" + CONTROL_I2R[1],
+        ],
+        "r2i": [b"\x00" + CONTROL_R2I],
+    }
+    for direction, key in (("i2r", k_i2r), ("r2i", k_r2i)):
+        for seq, plaintext in enumerate(plaintexts[direction]):
+            out[f"frame_{direction}_{seq}_plaintext"] = plaintext
             header = struct.pack(">IQ", 8 + len(plaintext) + 16, seq)
             nonce = bytes(4) + struct.pack(">Q", seq)
             out[f"frame_{direction}_{seq}"] = header + _aead(key, nonce, header, plaintext)
@@ -155,8 +173,9 @@ def library_vectors() -> dict[str, bytes]:
         out[f"cert_{side}"] = cert.encode()
         creds[side] = Credentials(identity, cert, network.public)
 
-    initiator = LinkCore(Role.INITIATOR, creds["i"], _fixed(EPHEMERAL_I), NOW)
-    responder = LinkCore(Role.RESPONDER, creds["r"], _fixed(EPHEMERAL_R), NOW)
+    limits = LinkLimits(fragment_size=FRAGMENT_SIZE)
+    initiator = LinkCore(Role.INITIATOR, creds["i"], _fixed(EPHEMERAL_I), NOW, limits=limits)
+    responder = LinkCore(Role.RESPONDER, creds["r"], _fixed(EPHEMERAL_R), NOW, limits=limits)
     (msg1,) = initiator.start()
     assert isinstance(msg1, Transmit)
     out["msg1"] = msg1.data
@@ -168,14 +187,22 @@ def library_vectors() -> dict[str, bytes]:
     out["msg3"] = msg3.data
     (up_r,) = responder.receive(msg3.data, NOW)
     assert isinstance(up_r, Established)
-    for direction, sender, receiver, frames in (
-        ("i2r", initiator, responder, FRAMES_I2R),
-        ("r2i", responder, initiator, FRAMES_R2I),
+    assert initiator.queue(BULK_I2R, bulk=True)
+    i2r = initiator.take(1)  # one frame: the first bulk fragment
+    assert initiator.queue(CONTROL_I2R[0])
+    i2r += initiator.take(1 << 20)
+    i2r += initiator.send(CONTROL_I2R[1])
+    r2i = responder.send(CONTROL_R2I)
+    for direction, stream, receiver, messages in (
+        ("i2r", i2r, responder, [CONTROL_I2R[0], BULK_I2R, CONTROL_I2R[1]]),
+        ("r2i", r2i, initiator, [CONTROL_R2I]),
     ):
-        for seq, plaintext in enumerate(frames):
-            wire = sender.send(plaintext)
-            out[f"frame_{direction}_{seq}"] = wire
-            assert receiver.receive(wire, NOW) == [Received(plaintext)]
+        seq = pos = 0
+        while pos < len(stream):
+            end = pos + 4 + struct.unpack_from(">I", stream, pos)[0]
+            out[f"frame_{direction}_{seq}"] = stream[pos:end]
+            seq, pos = seq + 1, end
+        assert receiver.receive(stream, NOW) == [Received(m) for m in messages]
     return out
 
 
@@ -210,11 +237,14 @@ def render() -> str:
         "",
         f"Certificates: `cert_i` has serial {CERT_I['serial']} and no validity window; "
         f"`cert_r` has serial {CERT_R['serial']}, not_before {CERT_R['not_before']} and "
-        f"not_after {CERT_R['not_after']}. Both ends verify at now = {NOW}. Plaintexts are "
-        "the hex of the ASCII strings `hello, responder`, the empty frame, "
-        "and `hello, initiator`.",
+        f"not_after {CERT_R['not_after']}. Both ends verify at now = {NOW}. Messages are "
+        "ASCII strings and one empty message; the initiator cuts fragments of "
+        f"{FRAGMENT_SIZE} bytes, queues the bulk message, sends one frame, then queues "
+        "`hello, responder` (which goes next, ahead of the rest of the bulk message), "
+        "then the empty control message.",
         "",
-        "Outputs (`msg1`, `msg2`, `msg3` and frames include their length prefix; "
+        "Outputs (`msg1`, `msg2`, `msg3` and frames include their length prefix, "
+        "`frame_*_plaintext` is what §4 puts inside each frame; "
         "node ids are the 16 bytes of the 128-bit integer, big-endian):",
         "",
         "```",
@@ -255,7 +285,7 @@ def test_reference_matches_doc_byte_for_byte() -> None:
 def test_library_matches_doc_byte_for_byte() -> None:
     documented = doc_vectors()
     produced = library_vectors()
-    assert len(produced) == 14
+    assert len(produced) == 17
     for key, value in produced.items():
         assert documented[key] == value, key
 
@@ -266,7 +296,8 @@ def test_sizes_in_the_doc() -> None:
     assert len(documented["msg1"]) == 4 + 41
     assert len(documented["msg2"]) == 4 + 276
     assert len(documented["msg3"]) == 4 + 244
-    assert len(documented["frame_i2r_1"]) == 4 + 24
+    assert len(documented["frame_i2r_4"]) == 4 + 24 + 1, "the empty message: its kind byte"
+    assert len(documented["frame_i2r_0"]) == 4 + 24 + 5 + FRAGMENT_SIZE
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def start_overlay(
     messaging: MessagingCore,
     *,
     max_message_size: int,
+    upcalls: Callable[[object], None],
     rng: random.Random,
     entropy: Entropy,
 ) -> OverlayService:
@@ -113,6 +114,7 @@ def start_overlay(
         rng=rng,
         entropy=entropy,
         upper_layers=upper_layers,
+        upcalls=upcalls,
     )
     node.start()
     node.run(messaging.attach_overlay(trees[0], node.address, reactor.seconds()))

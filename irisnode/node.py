@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
-from irisnode.messaging.core import MessagingCore
+from irisnode.messaging.core import GaveUp, MessagingCore
 from irisnode.messaging.service import MessagingService
 from overlay.timer import DeadlineTimer
 from relay.server import RelayFactory, RelayLimits, listen_loopback
@@ -141,6 +141,7 @@ class Node:
                 network,
                 self.messaging,
                 max_message_size=self.config.relay_limits.max_payload,
+                upcalls=self._overlay_event,
                 rng=self.rng,
                 entropy=self.entropy,
             )
@@ -161,6 +162,16 @@ class Node:
         )
         if self.on_ready is not None:
             self.on_ready()
+
+    def _overlay_event(self, effect: object) -> None:
+        """What the overlay stack hands up that nothing below took: for the log."""
+        if isinstance(effect, GaveUp):
+            log.debug(
+                "{kind} to {cluster} given up: {reason}",
+                kind=effect.kind,
+                cluster=effect.cluster,
+                reason=effect.reason,
+            )
 
     async def _status_request(self, request: bytes) -> bytes:
         return json.dumps(self.status()).encode()

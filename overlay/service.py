@@ -401,6 +401,12 @@ class OverlayService:
                 "rows": {str(row): [format_id(p) for p in ids] for row, ids in rows.items()},
             },
             "discovery": self._discovery_status(),
+            "links": {
+                "bytes_sent": self.links.bytes_sent,
+                "bytes_received": self.links.bytes_received,
+                "handshakes_refused": self.links.handshakes_refused,
+                "given_up": dict(self.links.given_up),
+            },
             "dialling": [
                 {
                     "address": f"[{d.host}]:{d.port}" if ":" in d.host else f"{d.host}:{d.port}",

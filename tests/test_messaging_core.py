@@ -50,6 +50,7 @@ def test_a_request_nobody_serves_times_out_once_at_its_deadline() -> None:
     assert client.outcomes == {}
     sim.run_for(0.5)
     assert client.outcomes == {1: ("timeout", None)} and client.duplicates == 0
+    assert sim.cores[sim.ids[0]].given_up == {"no member anywhere": 1}
 
 
 def test_faults_and_late_replies() -> None:
@@ -69,6 +70,7 @@ def test_faults_and_late_replies() -> None:
     sim.reply(member, h2, b"too late")
     sim.run_for(0.1)  # ...and its late reply is dropped quietly
     assert client.outcomes[2] == ("timeout", None) and client.duplicates == 0
+    assert sim.cores[b].given_up == {"no answer in time": 1}
 
 
 def test_a_busy_local_member_loses_to_an_idle_remote_one() -> None:

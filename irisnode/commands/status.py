@@ -71,6 +71,7 @@ def render(state: dict[str, Any], *, asked_over_relay: bool = False) -> str:
             )
         )
     lines += _groups(state.get("groups"))
+    lines += _given_up(state)
     overlay = state.get("overlay")
     if overlay is None:
         lines.append("overlay: none (developer mode: start with --net and --key to join a network)")
@@ -95,6 +96,26 @@ def _groups(groups: dict[str, Any] | None) -> list[str]:
         f"{name} ({where(sizes, 'subscriber')})" for name, sizes in groups["topics"].items()
     )
     return [f"clusters: {clusters or 'none'}", f"topics: {topics or 'none'}"]
+
+
+def _given_up(state: dict[str, Any]) -> list[str]:
+    """Every message given up anywhere in the node, with why (none: nothing to say)."""
+    counts: dict[str, int] = {}
+    messaging = state.get("messaging") or {}
+    for reason, count in (messaging.get("given_up") or {}).items():
+        counts[f"requests: {reason}"] = count
+    for reason, count in (messaging.get("scribe") or {}).items():
+        if count and reason != "redirects":
+            counts[f"trees: {reason.replace('_', ' ')}"] = count
+    links = ((state.get("overlay") or {}).get("links") or {}).get("given_up") or {}
+    for reason, count in links.items():
+        counts[f"links: {reason}"] = count
+    dropped = (state.get("relay") or {}).get("dropped_deliveries", 0)
+    if dropped:
+        counts["deliveries to clients too far behind"] = dropped
+    if not counts:
+        return []
+    return ["given up: " + ", ".join(f"{why} {n}" for why, n in sorted(counts.items()))]
 
 
 def _overlay(overlay: dict[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ With an overlay (``attach_overlay``):
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,15 @@ def topic_key(name: str) -> int:
     return key_for("topic", name)
 
 
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """Effect: a request or tunnel opened here ended without an answer (for the log)."""
+
+    kind: str
+    cluster: str
+    reason: str
+
+
 @dataclass(slots=True, eq=False)
 class _Pending:
     """A request or tunnel opened here and sent to another node, until its outcome."""
@@ -84,6 +94,8 @@ class _Pending:
     deadline: float
     retry_at: float = math.inf
     backoff: float = RETRY_FIRST
+    no_member: bool = False
+    """The last anycast found no member anywhere (what a timeout then means)."""
     done: bool = False
 
     @property
@@ -120,6 +132,8 @@ class MessagingCore:
         self._next_refresh = 0.0
         self._pending: dict[int, _Pending] = {}
         self._deadlines: DeadlineHeap[_Pending] = DeadlineHeap(lambda p: not p.done)
+        self.given_up: Counter[str] = Counter()
+        """Requests and tunnels that ended without an answer, by why."""
         self.counters: dict[str, int] = {
             "remote_requests": 0,
             "remote_replies": 0,
@@ -265,6 +279,7 @@ class MessagingCore:
             assert isinstance(effect, AnycastFailed)
             pending = self._pending.get(effect.tag)
             if pending is not None:
+                pending.no_member = True
                 self._retry_later(pending, now)
         return self._take()
 
@@ -298,7 +313,11 @@ class MessagingCore:
     def shut_down(self) -> None:
         """Every request and tunnel still waiting here ends now (the node is stopping)."""
         for pending in self._deadlines.pop_all():
-            self._expire(pending)
+            if self._finish(pending) is not None:
+                if pending.is_tunnel:
+                    pending.origin.tunnel_failed(pending.origin_id)
+                else:
+                    pending.origin.request_timed_out(pending.origin_id)
         self.outbox.clear()
 
     # ----------------------------------------------------------------------------
@@ -321,6 +340,7 @@ class MessagingCore:
 
     def _send(self, pending: _Pending, now: float) -> None:
         assert self._scribe is not None
+        pending.no_member = False
         remaining = math.ceil((pending.deadline - now) * 1000)
         if remaining <= 0:
             self._expire(pending)
@@ -353,6 +373,10 @@ class MessagingCore:
     def _expire(self, pending: _Pending) -> None:
         if self._finish(pending) is None:
             return
+        reason = "no member anywhere" if pending.no_member else "no answer in time"
+        self.given_up[reason] += 1
+        kind = "tunnel" if pending.is_tunnel else "request"
+        self.outbox.append(GaveUp(kind, pending.cluster, reason))
         if pending.is_tunnel:
             pending.origin.tunnel_failed(pending.origin_id)
         else:
@@ -529,6 +553,7 @@ class MessagingCore:
             "remote_requests_open": remote.open_requests if remote is not None else 0,
             "remote_tunnels_open": remote.open_tunnels if remote is not None else 0,
             **self.counters,
+            "given_up": dict(self.given_up),
             **({} if scribe is None else {"scribe": dict(scribe.stats)}),
         }
 

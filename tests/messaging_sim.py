@@ -286,7 +286,8 @@ def at_scale(nodes: int, clusters: int, topics: int, seed: int, fail: float) -> 
     clients = {n: sim.app(n, f"client@{n:x}") for n in client_nodes}
     next_id = [0]
 
-    def send_requests(per_member: int, spacing: float) -> None:
+    def send_requests(per_member: int, drain: float) -> None:
+        """``per_member`` requests per member, at 1,000 per simulated second."""
         total = per_member * sum(len(g) for g in members)
         for _ in range(total):
             c = rng.randrange(len(members))
@@ -295,13 +296,13 @@ def at_scale(nodes: int, clusters: int, topics: int, seed: int, fail: float) -> 
             request_id = next_id[0]
             sim.request(clients[n], request_id, f"cluster-{c}", b"job", 3000)
             figures.requests += 1
-            sim.run_for(spacing / len(members))
-        sim.run_for(3.5)
+            sim.run_for(0.001)
+        sim.run_for(drain)
 
     def spread() -> list[dict[str, int]]:
         return [{app.name: len(app.requests) for app in group} for group in members]
 
-    send_requests(30, 0.5)
+    send_requests(30, 1.0)
     counts = spread()
     for group_counts in counts:
         total = sum(group_counts.values())
@@ -311,7 +312,7 @@ def at_scale(nodes: int, clusters: int, topics: int, seed: int, fail: float) -> 
     for group in members:
         group[0].answer = answer_after(slow_delay)
     before = spread()
-    send_requests(30, 0.5)
+    send_requests(30, 1.0)
     shares = []
     for c, group in enumerate(members):
         got = {app.name: len(app.requests) - before[c][app.name] for app in group}
@@ -333,7 +334,7 @@ def at_scale(nodes: int, clusters: int, topics: int, seed: int, fail: float) -> 
             figures.requests += 1
     for victim in victims:
         sim.net.kill(victim)
-    send_requests(5, 0.5)
+    send_requests(5, 3.5)
     sim.run_for(4.0)
     figures.after_failure_requests = figures.requests - before_failure
     for app in clients.values():

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from overlay.ids import ring_distance
 from overlay.pastry import Address, Deliver, Intercept, LeafSetChanged, PeerDead, Route, Send
 from overlay.scribe.group import (
     ANYCAST_FROM_PARENT,
@@ -16,7 +15,6 @@ from overlay.scribe.group import (
     ANYCAST_TO_PARENT,
     Child,
     Group,
-    material_change,
 )
 from overlay.scribe.messages import (
     BEAT_ENTRIES,
@@ -238,18 +236,13 @@ class ScribeCore:
             if group.key not in self._groups:
                 continue  # pruned
             if group.parent is not None:
-                subtree, members = group.subtree(), group.subtree_members()
-                group.reported_subtree, group.reported_members = subtree, members
-                entry = (group.key, subtree, members)
+                report = group.report_up(always=True)
+                assert report is not None
+                entry = (group.key, *report)
                 to_parents.setdefault(group.parent, (group.parent_address, []))[1].append(entry)
-            if group.children:
-                total = group.outside + group.subtree()
-                total_members = group.outside_members + group.subtree_members()
-                for child_id, child in group.children.items():
-                    outside = (total - child.subtree, total_members - child.members)
-                    group.reported_outside[child_id] = outside
-                    beat = (group.key, group.depth, *outside)
-                    to_children.setdefault(child_id, (child.address, []))[1].append(beat)
+            for child_id, child, outside, members in group.reports_down(always=True):
+                beat = (group.key, group.depth, outside, members)
+                to_children.setdefault(child_id, (child.address, []))[1].append(beat)
         for peer, (address, ups) in to_parents.items():
             for start in range(0, len(ups), BEAT_ENTRIES):
                 chunk = tuple(ups[start : start + BEAT_ENTRIES])
@@ -260,7 +253,8 @@ class ScribeCore:
                 effects.append(Send(peer, address, ParentBeat(self.address, chunk3)))
         if now >= self._next_sweep:
             self._next_sweep = now + config.seen_ttl / 4
-            self._forget_quiet_senders(now)
+            for group in self._groups.values():
+                group.forget_quiet_senders(now - config.seen_ttl)
         return effects
 
     # ----------------------------------------------------------------------------
@@ -472,27 +466,13 @@ class ScribeCore:
         self._report(group, effects)
 
     def _push_down(self, group: Group, effects: list[object]) -> set[int]:
-        """Too many children: keep those nearest the key, spread the rest over them.
-
-        Which children stay depends only on who they are, never on who came first;
-        a pushed child goes under a kept one picked by its id (ids are uniform), so
-        the excess spreads evenly and trees stay shallow.
-        """
-        limit = self.config.max_children
-        if len(group.children) <= limit:
-            return set()
-        key = group.key
-        ranked = sorted(group.children, key=lambda c: (ring_distance(c, key), c))
-        kept, pushed = ranked[:limit], ranked[limit:]
-        for child_id in pushed:
-            target = kept[child_id % limit]
-            child = group.children.pop(child_id)
-            group.credits.pop(child_id, None)  # its tally as a way in; as an option it goes stale
-            group.reported_outside.pop(child_id, None)
-            redirect = Redirect(key, target, group.children[target].address)
+        """Redirect the children beyond the fan-out limit (see :meth:`Group.push_down`)."""
+        moves = group.push_down(self.config.max_children)
+        for child_id, child, target in moves:
+            redirect = Redirect(group.key, target, group.children[target].address)
             effects.append(Send(child_id, child.address, redirect))
             self.stats["redirects"] += 1
-        return set(pushed)
+        return {child_id for child_id, _, _ in moves}
 
     def _acknowledged(
         self, parent: int, message: SubscribeAck, now: float, effects: list[object]
@@ -526,7 +506,7 @@ class ScribeCore:
         # who came first.
         if group.parent == src:
             for child_id in [c for c, child in group.children.items() if child.redirected]:
-                child = group.children.pop(child_id)
+                child = group.drop(child_id)
                 back = Redirect(group.key, src, group.parent_address)
                 effects.append(Send(child_id, child.address, back))
         group.parent = None
@@ -550,9 +530,7 @@ class ScribeCore:
             self._orphan(group, now, effects, avoid=src)  # it is leaving: go around it
 
     def _drop_child(self, group: Group, child_id: int, effects: list[object]) -> None:
-        del group.children[child_id]
-        group.credits.pop(child_id, None)  # its tally as a way in; as an option it goes stale
-        group.reported_outside.pop(child_id, None)
+        group.drop(child_id)
         if not self._prune(group, effects):
             self._report(group, effects)
 
@@ -608,31 +586,18 @@ class ScribeCore:
                 self._report(group, effects)
 
     def _report(self, group: Group, effects: list[object]) -> None:
-        """Tell the parent and the children about a capacity change that matters now."""
-        if group.parent is not None:
-            subtree, members = group.subtree(), group.subtree_members()
-            if (
-                material_change(group.reported_subtree, subtree)
-                or members != group.reported_members
-            ):
-                group.reported_subtree, group.reported_members = subtree, members
-                beat = ChildBeat(self.address, ((group.key, subtree, members),))
-                effects.append(Send(group.parent, group.parent_address, beat))
+        """Tell the parent and the children about a change that matters now."""
+        parent = group.parent
+        report = group.report_up() if parent is not None else None
+        if parent is not None and report is not None:
+            beat = ChildBeat(self.address, ((group.key, *report),))
+            effects.append(Send(parent, group.parent_address, beat))
         self._report_down(group, effects)
 
     def _report_down(self, group: Group, effects: list[object]) -> None:
-        if not group.children:
-            return
-        total = group.outside + group.subtree()
-        total_members = group.outside_members + group.subtree_members()
-        reported = group.reported_outside
-        for child_id, child in group.children.items():
-            outside, members = total - child.subtree, total_members - child.members
-            last, last_members = reported.get(child_id, (0.0, 0))
-            if material_change(last, outside) or members != last_members:
-                reported[child_id] = (outside, members)
-                beat = ParentBeat(self.address, ((group.key, group.depth, outside, members),))
-                effects.append(Send(child_id, child.address, beat))
+        for child_id, child, outside, members in group.reports_down():
+            beat = ParentBeat(self.address, ((group.key, group.depth, outside, members),))
+            effects.append(Send(child_id, child.address, beat))
 
     def _check(self, group: Group, now: float, effects: list[object]) -> None:
         """Timeouts and retries of one tree, once per beat."""
@@ -661,12 +626,9 @@ class ScribeCore:
         self, group: Group, message: Multicast, src: int | None, now: float, effects: list[object]
     ) -> None:
         """Deliver once here and pass it down, unless it was seen before."""
-        sender = (message.origin, message.incarnation)
-        last = group.seen.get(sender)
-        if last is not None and message.seq <= last[0]:
+        if not group.first_time(message.origin, message.incarnation, message.seq, now):
             self.stats["duplicates"] += 1
             return
-        group.seen[sender] = (message.seq, now)
         for child_id, child in group.children.items():
             if child_id != src:
                 effects.append(Send(child_id, child.address, message))
@@ -675,15 +637,7 @@ class ScribeCore:
 
     def _walk(self, group: Group, message: Anycast, came_from: int | None) -> list[object]:
         """Take one step of an anycast: here, down a subtree, or up, by capacity."""
-        options: dict[int, float] = {}
-        if group.member and group.capacity > 0.0:
-            options[ANYCAST_HERE] = group.capacity
-        for child_id, child in group.children.items():
-            if child_id != came_from and child.subtree > 0.0:
-                options[child_id] = child.subtree
-        parent = group.parent
-        if not message.down and parent is not None and came_from != parent and group.outside > 0.0:
-            options[ANYCAST_TO_PARENT] = group.outside
+        options = group.anycast_options(came_from, message.down)
         if not options:
             return self._fail(message)
         choice = group.choose(ANYCAST_FROM_PARENT if message.down else came_from, options)
@@ -694,8 +648,8 @@ class ScribeCore:
                 )
             ]
         if choice == ANYCAST_TO_PARENT:
-            assert parent is not None
-            return [Send(parent, group.parent_address, message)]
+            assert group.parent is not None
+            return [Send(group.parent, group.parent_address, message)]
         child = group.children[choice]
         return [Send(choice, child.address, replace(message, down=True))]
 
@@ -705,10 +659,3 @@ class ScribeCore:
             return [AnycastFailed(message.group, message.tag)]
         failure = AnycastFailure(message.group, message.tag)
         return [Send(message.origin, message.origin_address, failure)]
-
-    def _forget_quiet_senders(self, now: float) -> None:
-        horizon = now - self.config.seen_ttl
-        for group in self._groups.values():
-            seen = group.seen
-            for sender in [s for s, (_, at) in seen.items() if at < horizon]:
-                del seen[sender]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from overlay.ids import ring_distance
 from overlay.pastry import Address
 
 ANYCAST_TO_PARENT = -1
@@ -116,6 +117,87 @@ class Group:
     def others(self) -> int:
         """Member nodes in the whole tree but this one, as far as reports say."""
         return self.outside_members + self.subtree_members() - int(self.member)
+
+    # -- decisions about this tree (the core turns them into messages) ---------------------
+
+    def push_down(self, limit: int) -> list[tuple[int, Child, int]]:
+        """Too many children: keep the ``limit`` nearest the key, spread the rest over them.
+
+        Returns (pushed child, its record, the kept child it goes under), the pushed
+        ones already removed. Which children stay depends only on who they are, never
+        on who came first; a pushed child goes under a kept one picked by its id (ids
+        are uniform), so the excess spreads evenly and trees stay shallow.
+        """
+        if len(self.children) <= limit:
+            return []
+        key = self.key
+        ranked = sorted(self.children, key=lambda c: (ring_distance(c, key), c))
+        kept, pushed = ranked[:limit], ranked[limit:]
+        moves = []
+        for child_id in pushed:
+            moves.append((child_id, self.drop(child_id), kept[child_id % limit]))
+        return moves
+
+    def drop(self, child_id: int) -> Child:
+        """Forget a child (its tally as a way in goes; as an option it goes stale)."""
+        self.credits.pop(child_id, None)
+        self.reported_outside.pop(child_id, None)
+        return self.children.pop(child_id)
+
+    def report_up(self, *, always: bool = False) -> tuple[float, int] | None:
+        """The subtree's (capacity, member nodes) for the parent, if it must hear it now."""
+        subtree, members = self.subtree(), self.subtree_members()
+        if (
+            always
+            or material_change(self.reported_subtree, subtree)
+            or (members != self.reported_members)
+        ):
+            self.reported_subtree, self.reported_members = subtree, members
+            return subtree, members
+        return None
+
+    def reports_down(self, *, always: bool = False) -> list[tuple[int, Child, float, int]]:
+        """Per child that must hear it now: (id, record, capacity and member nodes outside it)."""
+        if not self.children:
+            return []
+        total = self.outside + self.subtree()
+        total_members = self.outside_members + self.subtree_members()
+        reported = self.reported_outside
+        reports = []
+        for child_id, child in self.children.items():
+            outside, members = total - child.subtree, total_members - child.members
+            last, last_members = reported.get(child_id, (0.0, 0))
+            if always or material_change(last, outside) or members != last_members:
+                reported[child_id] = (outside, members)
+                reports.append((child_id, child, outside, members))
+        return reports
+
+    def first_time(self, origin: int, incarnation: int, seq: int, now: float) -> bool:
+        """Is this multicast new here (not a copy, nor older than one delivered)?"""
+        sender = (origin, incarnation)
+        last = self.seen.get(sender)
+        if last is not None and seq <= last[0]:
+            return False
+        self.seen[sender] = (seq, now)
+        return True
+
+    def forget_quiet_senders(self, horizon: float) -> None:
+        seen = self.seen
+        for sender in [s for s, (_, at) in seen.items() if at < horizon]:
+            del seen[sender]
+
+    def anycast_options(self, came_from: int | None, down: bool) -> dict[int, float]:
+        """Where an anycast may go from here, each way weighted by its capacity."""
+        options: dict[int, float] = {}
+        if self.member and self.capacity > 0.0:
+            options[ANYCAST_HERE] = self.capacity
+        for child_id, child in self.children.items():
+            if child_id != came_from and child.subtree > 0.0:
+                options[child_id] = child.subtree
+        parent = self.parent
+        if not down and parent is not None and came_from != parent and self.outside > 0.0:
+            options[ANYCAST_TO_PARENT] = self.outside
+        return options
 
     def choose(self, came_from: int | None, options: dict[int, float]) -> int:
         """Smooth weighted round robin: each option in proportion to its weight.

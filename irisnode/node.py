@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
+from irisnode.limits import MessagingLimits
 from overlay.timer import DeadlineTimer
 from relay.server import RelayFactory, RelayLimits, listen_loopback
 
@@ -60,6 +61,7 @@ class NetworkConfig:
 class NodeConfig:
     relay_port: int = DEFAULT_RELAY_PORT
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    messaging_limits: MessagingLimits = field(default_factory=MessagingLimits)
     network: NetworkConfig | None = None
     """None: developer mode, one node on its own with no overlay and no traffic off loopback."""
 
@@ -85,9 +87,18 @@ class Node:
         self.on_failure: Callable[[Exception], None] | None = None
         """Called when the overlay cannot start (the CLI stops the process then)."""
         self._timer = DeadlineTimer(reactor, self._on_timer)
-        self.broker = Broker(wake=self._timer.wake)
-        self.relay = RelayFactory(self.broker, reactor, config.relay_limits)
+        self.broker = Broker(config.messaging_limits, wake=self._timer.wake)
+        self.relay = RelayFactory(
+            self.broker, reactor, config.relay_limits, request_budget=self.broker.request_budget
+        )
+        self._services = [
+            system.SystemService(self.broker, reactor, self._status_request),
+            system.SystemService(self.broker, reactor, self._lookup_request),
+        ]
         self._listeners: list[IListeningPort] = []
+        self._relay_port = 0
+        self.relay_addresses: list[str] = []
+        """Where the relay listens, as ``host:port`` (IPv6 in brackets); empty once stopped."""
 
     def _on_timer(self, now: float) -> float | None:
         self.broker.on_timer(now)
@@ -99,12 +110,10 @@ class Node:
         Raises if neither 127.0.0.1 nor [::1] can be bound for the relay.
         """
         self._listeners = listen_loopback(self.reactor, self.relay, self.config.relay_port)
-        self.broker.attach(
-            system.SystemService(self.broker, self.reactor, self._status_request), system.STATUS
-        )
-        self.broker.attach(
-            system.SystemService(self.broker, self.reactor, self._lookup_request), system.LOOKUP
-        )
+        self.relay_addresses = [_format_address(listener) for listener in self._listeners]
+        self._relay_port = self._listeners[0].getHost().port  # type: ignore[attr-defined]
+        for service, cluster in zip(self._services, (system.STATUS, system.LOOKUP), strict=True):
+            self.broker.attach(service, cluster)
         if self.config.network is not None:
             self.reactor.callLater(0, self._start_overlay, self.config.network)
 
@@ -135,7 +144,10 @@ class Node:
 
         if self.overlay is None:
             raise RuntimeError("no overlay: this node runs in developer mode (see --net, --key)")
-        owner = await self.overlay.lookup(parse_id(request.decode("ascii", "replace").strip()))
+        key = request.strip()
+        if len(key) != 32 or key.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError("a key is 32 hex digits")
+        owner = await self.overlay.lookup(parse_id(key.decode("ascii")))
         return format_id(owner).encode()
 
     def status(self) -> dict[str, Any]:
@@ -152,39 +164,40 @@ class Node:
                 "dropped_connections": counters.drops,
                 "dropped_deliveries": counters.dropped_deliveries,
                 "paused_reads": counters.paused_reads,
+                "refused_connections": counters.refused_connections,
+                "partial_bytes": self.relay.partial_budget.used,
             },
-            "messaging": dict(self.broker.counters),
+            "messaging": {
+                **self.broker.counters,
+                "request_bytes": self.broker.request_budget.used,
+            },
             "overlay": self.overlay.status() if self.overlay is not None else None,
         }
 
     @property
     def relay_port(self) -> int:
-        port: int = self._listeners[0].getHost().port  # type: ignore[attr-defined]
-        return port
-
-    @property
-    def relay_addresses(self) -> list[str]:
-        result = []
-        for listener in self._listeners:
-            host = listener.getHost()
-            address = f"[{host.host}]" if ":" in host.host else host.host  # type: ignore[attr-defined]
-            result.append(f"{address}:{host.port}")  # type: ignore[attr-defined]
-        return result
+        return self._relay_port
 
     async def stop(self, reason: str = "node shutting down", grace: float = 0.5) -> None:
         """Answer everything pending, say goodbye to every client, stop listening.
 
-        Clients get ``grace`` seconds to take their last bytes; then their connections
-        are cut, so stopping always finishes promptly.
+        Everything pending gets its outcome at once, before anything else can run
+        (so a request still queued for a node service times out rather than being
+        answered by a node half gone). Clients get ``grace`` seconds to take their
+        last bytes; then their connections are cut, so stopping always finishes
+        promptly.
         """
-        for listener in self._listeners:
-            stopped = listener.stopListening()
-            if stopped is not None:
-                await stopped
-        self._listeners = []
+        for service in self._services:
+            service.stop()
         self.broker.shut_down()
         self.relay.shut_down(reason)
         self._timer.stop()
+        listeners, self._listeners = self._listeners, []
+        self.relay_addresses = []
+        for listener in listeners:
+            stopped = listener.stopListening()
+            if stopped is not None:
+                await stopped
         if self.overlay is not None:
             await self.overlay.stop()
         deadline = self.reactor.seconds() + grace
@@ -193,3 +206,9 @@ class Node:
         for connection in list(self.relay.connections):
             if connection.transport is not None:
                 connection.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _format_address(listener: IListeningPort) -> str:
+    host = listener.getHost()
+    address = f"[{host.host}]" if ":" in host.host else host.host  # type: ignore[attr-defined]
+    return f"{address}:{host.port}"  # type: ignore[attr-defined]

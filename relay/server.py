@@ -361,18 +361,17 @@ class RelayConnection(Protocol):
         self._release_waiters()
 
 
-TWISTED_SHORTCUT_VERSIONS = ((24, 3), (26, 99))
-"""Twisted releases whose TCP transport internals :func:`_idle_socket` was written for
-(``tests/test_twisted_internals.py`` fails loudly on any other); the bounds are also the
-dependency's range in ``pyproject.toml``."""
+TWISTED_SHORTCUT_VERSIONS = ((24, 3), (27, 0))
+"""Twisted releases (from, up to but not including) whose TCP transport internals
+:func:`_idle_socket` was written for: the dependency's range in ``pyproject.toml``, and
+``tests/test_twisted_internals.py`` fails loudly on any other."""
 
 
 def _internals_present() -> bool:
     """Whether this Twisted's TCP transports keep their write buffer where we look."""
     major, minor = (int(part) for part in twisted_version.split(".")[:2])
-    version = (major, minor)
     low, high = TWISTED_SHORTCUT_VERSIONS
-    if not low <= version <= high:
+    if not low <= (major, minor) < high:
         return False
     sample = FileDescriptor(reactor=object())  # type: ignore[arg-type]  # never started
     names = ("dataBuffer", "offset", "_tempDataLen", "connected", "disconnecting")

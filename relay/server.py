@@ -45,7 +45,14 @@ from irisnode.api import Messaging
 from irisnode.limits import MIB, ByteBudget
 from overlay.timer import DeadlineTimer
 from relay import codec
-from relay.session import HANDSHAKE_SECONDS, PACKET_SECONDS, RelaySession, SharedEncoding, State
+from relay.session import (
+    HANDSHAKE_SECONDS,
+    PACKET_SECONDS,
+    PACKETS_PER_TURN,
+    RelaySession,
+    SharedEncoding,
+    State,
+)
 
 log = Logger(namespace="irisnode.relay")
 
@@ -78,6 +85,8 @@ class RelayLimits:
     """Bytes of packets still arriving (other than requests), node-wide."""
     max_connections: int = field(default_factory=default_max_connections)
     """Relay connections at once; the default stays below the descriptor limit."""
+    packets_per_turn: int = PACKETS_PER_TURN
+    """Packets of one connection handled per reactor turn (fairness, not memory)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +120,7 @@ class RelayConnection(Protocol):
         self._reserved_from: ByteBudget | None = None
         self._waiting_for: ByteBudget | None = None
         self._handshaking = True
+        self._more_later = False  # packets wait for the next turn
         self._timer = DeadlineTimer(factory.clock, self._on_timer)
 
     # -- Protocol ----------------------------------------------------------------------
@@ -133,26 +143,38 @@ class RelayConnection(Protocol):
             max_name=limits.max_name,
             handshake_seconds=limits.handshake_seconds,
             packet_seconds=limits.packet_seconds,
+            packets_per_turn=limits.packets_per_turn,
             shared=factory.shared,
         )
         self._timer.wake(self.session.next_deadline())
 
     def dataReceived(self, data: bytes) -> None:
         session = self.session
-        if session is None:
-            return
+        if session is not None:
+            self.factory.counters.bytes_in += len(data)
+            self._handle(session, data)
+
+    def _handle(self, session: RelaySession, data: bytes | None) -> None:
+        """Feed ``data`` (None: the packets still waiting) to the session, then see to limits."""
         factory = self.factory
-        factory.counters.bytes_in += len(data)
         factory.reader = self
         requests = session.requests
         try:
-            session.data_received(data, factory.clock.seconds())
+            if data is None:
+                session.handle_more(factory.clock.seconds())
+            else:
+                session.data_received(data, factory.clock.seconds())
         finally:
             factory.reader = None
         if self._reserved or session.partial_need:
             self._reserve(session.partial_need, session.partial_request)
         if session.requests != requests and factory.request_budget.spent and not session.closed:
             self._wait_for(factory.request_budget)  # it has requests in flight: let them end
+        if session.has_unhandled and not self._more_later:
+            # Its share of this turn is done: the rest on the next, and no reading meanwhile.
+            self._more_later = True
+            self._block(counted=False)
+            factory.clock.callLater(0, self._handle_more)
         if self._handshaking and session.state is not State.AWAITING_INIT:
             self._handshaking = False
             self._timer.stop()
@@ -161,6 +183,12 @@ class RelayConnection(Protocol):
         deadline = session.next_deadline()
         if deadline is not None:
             self._timer.wake(deadline)
+
+    def _handle_more(self) -> None:
+        self._more_later = False
+        self._unblock()
+        if self.session is not None and self.session.has_unhandled:
+            self._handle(self.session, None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._timer.stop()
@@ -181,10 +209,11 @@ class RelayConnection(Protocol):
 
     # -- not reading a connection ----------------------------------------------------------
 
-    def _block(self) -> None:
+    def _block(self, *, counted: bool = True) -> None:
         self._blockers += 1
         if self._blockers == 1:
-            self.factory.counters.paused_reads += 1
+            if counted:
+                self.factory.counters.paused_reads += 1
             if self.transport is not None:
                 self.transport.pauseProducing()  # type: ignore[attr-defined]
 

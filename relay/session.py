@@ -50,6 +50,9 @@ from relay.errors import RemoteProtocolError
 
 HANDSHAKE_SECONDS = 5.0
 PACKET_SECONDS = 10.0
+PACKETS_PER_TURN = 256
+"""Packets of one connection handled per reactor turn: a client pipelining thousands of
+cheap requests gets its share, and every other client still gets a turn in between."""
 
 
 class Wire(Protocol):
@@ -141,6 +144,7 @@ class RelaySession:
         chunk_limit: int = DEFAULT_CHUNK_LIMIT,
         handshake_seconds: float = HANDSHAKE_SECONDS,
         packet_seconds: float = PACKET_SECONDS,
+        packets_per_turn: int = PACKETS_PER_TURN,
         shared: SharedEncoding | None = None,
     ) -> None:
         self._messaging = messaging
@@ -150,6 +154,8 @@ class RelaySession:
         self._handshake_deadline: float | None = now + handshake_seconds
         self._packet_seconds = packet_seconds
         self._packet_deadline: float | None = None
+        self._packets_per_turn = packets_per_turn
+        self._unhandled: list[Any] = []
         self._shared = shared if shared is not None else SharedEncoding()
         self.requests = 0
         """REQUEST packets handled so far (the adapter watches it for the request budget)."""
@@ -180,10 +186,36 @@ class RelaySession:
         return self.state is State.CLOSED
 
     def data_received(self, data: bytes, now: float) -> None:
-        if self.closed:
-            return
+        """Handle what ``data`` completes: at most ``packets_per_turn`` packets now, the rest
+        when :meth:`handle_more` is called (the adapter stops reading meanwhile)."""
+        if self.closed or self._decoder.error is not None:
+            return  # a broken stream is dropped once the packets before the fault are handled
         decoder = self._decoder
         packets = decoder.feed(data)
+        if not decoder.buffered:
+            self._packet_deadline = None
+        elif packets or self._packet_deadline is None:
+            self._packet_deadline = now + self._packet_seconds  # a new packet has begun
+        if self._unhandled:
+            self._unhandled += packets
+        else:
+            self._unhandled = packets
+        self.handle_more(now)
+
+    @property
+    def has_unhandled(self) -> bool:
+        """Packets have arrived that wait for :meth:`handle_more` (one turn's share is done)."""
+        return bool(self._unhandled)
+
+    def handle_more(self, now: float) -> None:
+        """Handle the next share of the packets that have arrived."""
+        packets = self._unhandled
+        share = self._packets_per_turn
+        if len(packets) > share:
+            self._unhandled = packets[share:]
+            packets = packets[:share]
+        else:
+            self._unhandled = []
         try:
             for packet in packets:
                 state = self.state
@@ -192,16 +224,14 @@ class RelaySession:
                 elif state is State.AWAITING_INIT:
                     self._handshake(packet)
                 else:
+                    self._unhandled = []
                     return  # whatever follows a close is ignored
         except (RemoteProtocolError, LimitExceeded) as error:
+            self._unhandled = []
             self._drop(str(error))
             return
-        if decoder.error is not None and not self.closed:
-            self._drop(str(decoder.error))
-        elif not decoder.buffered:
-            self._packet_deadline = None
-        elif packets or self._packet_deadline is None:
-            self._packet_deadline = now + self._packet_seconds  # a new packet has begun
+        if self._decoder.error is not None and not self._unhandled and not self.closed:
+            self._drop(str(self._decoder.error))  # after the good packets that came before it
 
     @property
     def partial_need(self) -> int:
@@ -215,6 +245,7 @@ class RelaySession:
 
     def connection_lost(self) -> None:
         """The socket is gone (client hung up, or we closed it)."""
+        self._unhandled = []
         if self.state is State.OPEN:
             self._detach("connection lost")
         self.state = State.CLOSED

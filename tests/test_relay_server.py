@@ -242,3 +242,23 @@ def test_no_fan_out_payload_outlives_its_turn() -> None:
     assert sys.getrefcount(payload) == alone  # ...and not a moment longer
     for _, transport in members:
         assert harness.read(transport) == [codec.BroadcastDelivered(payload)]
+
+
+def test_a_connection_gets_its_share_of_a_turn_and_the_rest_later() -> None:
+    harness = Harness(packets_per_turn=100)
+    _, echo_transport = harness.connect("echo")
+    flooder, flooder_transport = harness.connect()
+    other, _ = harness.connect()
+    flooder.dataReceived(
+        b"".join(codec.Request(i, "echo", b"%d" % i, 5000).encode() for i in range(250))
+    )
+    assert harness.broker.counters["requests"] == 100  # its share of this turn
+    assert flooder_transport.producerState == "paused"  # no more reading until the rest is done
+    other.dataReceived(codec.Request(1, "echo", b"other", 5000).encode())
+    harness.turn()  # (the fake clock runs every later turn at once)
+    delivered = [cast(codec.RequestDelivered, p).request for p in harness.read(echo_transport)]
+    assert delivered == [b"%d" % i for i in range(100)] + [b"other"] + [
+        b"%d" % i for i in range(100, 250)
+    ]
+    assert flooder_transport.producerState == "producing"
+    assert harness.factory.counters.paused_reads == 0  # a fair share is not a pause

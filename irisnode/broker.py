@@ -218,7 +218,7 @@ class Broker:
         pending = _Request(handle, cluster, attachment, request_id, request, timeout_ms)
         self._pending[handle] = pending
         attachment.requests[handle] = pending
-        self.request_budget.take(pending.size)
+        self.request_budget.take(pending.size, origin)
         self._add_deadline(now + timeout_ms / 1000.0, pending)
         self._dispatch(group, pending)
 
@@ -418,7 +418,7 @@ class Broker:
                 del self._clusters[item.cluster]
         if isinstance(item, _Request):
             item.payload = b""
-            self.request_budget.give(item.size)  # may let paused requesters read again
+            self.request_budget.give(item.size, origin.endpoint)  # may let requesters read again
         self._finished_early += 1
         heap = self._deadlines
         if self._finished_early > 1024 and self._finished_early * 2 > len(heap):

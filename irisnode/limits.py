@@ -40,48 +40,76 @@ class LimitExceeded(Exception):
 
 
 class ByteBudget:
-    """Bytes the node may hold for one purpose, node-wide; whoever finds no room waits.
+    """Bytes the node may hold for one purpose, node-wide, shared fairly among their holders.
 
-    Taking always succeeds (the bytes are already in memory): a budget is bookkeeping,
-    and a holder that finds no room stops taking more, typically by no longer reading
-    a socket, and calls :meth:`wait`. As bytes are given back, waiters are called,
-    oldest first, as soon as what each needs fits; each then tries again.
+    Holders (connections, as the endpoints that hold requests) take and give bytes.
+    Taking always succeeds, since the bytes are already in memory: a budget is
+    bookkeeping. Whether a holder may take more is :meth:`fits`; one that may not
+    stops taking (typically by no longer reading its socket) and waits (:meth:`wait`).
+
+    Fair shares: once the budget is spent, a holder still below its share (the limit
+    divided among the holders) may take up to that share from an overdraft of one more
+    budget. So one client holding the whole budget (with requests that wait a long
+    time, say) does not stop everybody else, and all holders together never hold more
+    than twice the limit.
     """
 
-    __slots__ = ("_waiters", "limit", "used")
+    __slots__ = ("_held", "_waiters", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("a budget must be positive")
         self.limit = limit
         self.used = 0
-        self._waiters: dict[Callable[[], None], int] = {}
+        self._held: dict[object, int] = {}
+        self._waiters: dict[Callable[[], None], tuple[int, object]] = {}
 
     @property
     def spent(self) -> bool:
         return self.used >= self.limit
 
-    def fits(self, size: int, held: int = 0) -> bool:
-        """Could a holder of ``held`` bytes hold ``size`` in all? Always, if it would be alone."""
-        return self.used - held + size <= self.limit or self.used == held
+    @property
+    def holders(self) -> int:
+        return len(self._held)
 
-    def take(self, size: int) -> None:
+    def held(self, holder: object) -> int:
+        return self._held.get(holder, 0)
+
+    def fits(self, size: int, holder: object) -> bool:
+        """May ``holder`` hold ``size`` more? A holder alone below the limit may take one more
+        item however large (a packet may be larger than the whole budget)."""
+        held = self._held.get(holder, 0)
+        used = self.used
+        if used + size <= self.limit or (used == held and held < self.limit):
+            return True
+        holders = len(self._held) + (0 if held else 1)
+        return held + size <= self.limit // holders and used + size <= 2 * self.limit
+
+    def take(self, size: int, holder: object) -> None:
         self.used += size
+        self._held[holder] = self._held.get(holder, 0) + size
 
-    def give(self, size: int) -> None:
+    def give(self, size: int, holder: object) -> None:
+        if not size:
+            return
         self.used -= size
-        if self._waiters and self.used < self.limit:
-            for waiter, need in list(self._waiters.items()):
-                if self.fits(need):
+        left = self._held[holder] - size
+        if left:
+            self._held[holder] = left
+        else:
+            del self._held[holder]
+        if self._waiters:
+            for waiter, (need, waiting) in list(self._waiters.items()):
+                if self.fits(need, waiting):
                     del self._waiters[waiter]
                     waiter()
 
-    def wait(self, waiter: Callable[[], None], size: int = 1) -> None:
-        """Call ``waiter()`` once ``size`` bytes fit (at once if they do)."""
-        if self.fits(size):
+    def wait(self, waiter: Callable[[], None], size: int, holder: object) -> None:
+        """Call ``waiter()`` once ``holder`` may take ``size`` more (at once if it may)."""
+        if self.fits(size, holder):
             waiter()
         else:
-            self._waiters[waiter] = size
+            self._waiters[waiter] = (size, holder)
 
     def cancel(self, waiter: Callable[[], None]) -> None:
         self._waiters.pop(waiter, None)

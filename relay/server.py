@@ -59,6 +59,10 @@ log = Logger(namespace="irisnode.relay")
 RESERVED_DESCRIPTORS = 128
 """Descriptors kept for everything but relay connections (listeners, links, logs)."""
 
+HANGUP_CHECK_SECONDS = 1.0
+"""How often connections the node is not reading are checked for a client that has gone."""
+_TCP_ESTABLISHED = 1
+
 
 def default_max_connections() -> int:
     """Relay connections the descriptor limit leaves room for, keeping some for the rest."""
@@ -168,8 +172,10 @@ class RelayConnection(Protocol):
             factory.reader = None
         if self._reserved or session.partial_need:
             self._reserve(session.partial_need, session.partial_request)
-        if session.requests != requests and factory.request_budget.spent and not session.closed:
-            self._wait_for(factory.request_budget)  # it has requests in flight: let them end
+        if session.requests != requests and not session.closed:
+            budget = factory.request_budget
+            if not budget.fits(1, session):
+                self._wait_for(budget)  # it holds its share of requests: let some end first
         if session.has_unhandled and not self._more_later:
             # Its share of this turn is done: the rest on the next, and no reading meanwhile.
             self._more_later = True
@@ -193,6 +199,7 @@ class RelayConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._timer.stop()
         self.factory.connections.discard(self)
+        self.factory.not_reading.discard(self)
         if self.session is not None:
             self.session.connection_lost()
         self._release_budgets()
@@ -210,15 +217,18 @@ class RelayConnection(Protocol):
     # -- not reading a connection ----------------------------------------------------------
 
     def _block(self, *, counted: bool = True) -> None:
+        """One more reason not to read this connection (``counted``: a backpressure pause)."""
         self._blockers += 1
-        if self._blockers == 1:
-            if counted:
-                self.factory.counters.paused_reads += 1
-            if self.transport is not None:
-                self.transport.pauseProducing()  # type: ignore[attr-defined]
+        if counted:
+            self.factory.counters.paused_reads += 1
+        if self._blockers == 1 and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.factory.watch_hangup(self)
 
     def _unblock(self) -> None:
         self._blockers -= 1
+        if self._blockers == 0:
+            self.factory.not_reading.discard(self)
         session = self.session
         if self._blockers == 0 and self.transport is not None and session is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -239,27 +249,28 @@ class RelayConnection(Protocol):
         budget = factory.request_budget if request else factory.partial_budget
         held, source = self._reserved, self._reserved_from
         if source is not None and source is not budget:
-            source.give(held)
+            source.give(held, self.session)
             held = 0
         if need <= held:
             self._reserved, self._reserved_from = need, (budget if need else None)
-            budget.give(held - need)
-        elif budget.fits(need, held):
-            budget.take(need - held)
+            if held > need:
+                budget.give(held - need, self.session)
+        elif budget.fits(need - held, self.session):
+            budget.take(need - held, self.session)
             self._reserved, self._reserved_from = need, budget
         else:
             self._reserved, self._reserved_from = held, budget
             self._wait_for(budget, need)
 
     def _wait_for(self, budget: ByteBudget, size: int = 1) -> None:
-        """Stop reading until ``size`` bytes fit in ``budget`` (giving back what we hold of it)."""
+        """Stop reading until ``size`` more fit in ``budget`` (giving back what we reserved)."""
         if self._reserved_from is budget:
             held, self._reserved, self._reserved_from = self._reserved, 0, None
-            budget.give(held)
-        if self._waiting_for is None and not budget.fits(size):
+            budget.give(held, self.session)
+        if self._waiting_for is None and not budget.fits(size, self.session):
             self._waiting_for = budget
             self._block()
-            budget.wait(self._budget_ready, size)
+            budget.wait(self._budget_ready, size, self.session)
 
     def _budget_ready(self) -> None:
         self._waiting_for = None
@@ -267,7 +278,7 @@ class RelayConnection(Protocol):
 
     def _release_budgets(self) -> None:
         if self._reserved_from is not None:
-            self._reserved_from.give(self._reserved)
+            self._reserved_from.give(self._reserved, self.session)
             self._reserved, self._reserved_from = 0, None
         if self._waiting_for is not None:
             self._waiting_for.cancel(self._budget_ready)
@@ -434,6 +445,24 @@ def _idle_socket(transport: Any) -> socket.socket | None:
     return None
 
 
+def _client_gone(transport: Any) -> bool:
+    """Whether the client of a TCP transport has closed or reset its end.
+
+    A transport the node does not read is not polled for reading, so nothing else would
+    notice: the TCP state says it (``CLOSE_WAIT`` after the client's FIN, ``CLOSE``
+    after a reset) even while unread data is still waiting.
+    """
+    handle = getattr(transport, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return bool(state != _TCP_ESTABLISHED)
+
+
 def _describe(address: IAddress | None) -> str:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -465,6 +494,8 @@ class RelayFactory(ServerFactory):
         """The broker's budget for requests held; arriving requests take from it too."""
         self.shared = SharedEncoding()
         self.stopping = False
+        self.not_reading: set[RelayConnection] = set()
+        self._hangups = DeadlineTimer(clock, self._check_hangups)
         self._unflushed: list[RelayConnection] = []
         self._refused = 0  # refusals not yet logged
         self._refusal_log = DeadlineTimer(clock, self._log_refusals)
@@ -503,6 +534,18 @@ class RelayFactory(ServerFactory):
             self._refused = 0
             self._next_refusal_log = now + 1.0
 
+    def watch_hangup(self, connection: RelayConnection) -> None:
+        """``connection`` is not being read: check now and then that its client is still there."""
+        self.not_reading.add(connection)
+        self._hangups.wake(self.clock.seconds() + HANGUP_CHECK_SECONDS)
+
+    def _check_hangups(self, now: float) -> float | None:
+        for connection in list(self.not_reading):
+            transport: Any = connection.transport
+            if transport is not None and _client_gone(transport):
+                transport.abortConnection()  # its requests end with it (and free the budget)
+        return now + HANGUP_CHECK_SECONDS if self.not_reading else None
+
     def flush_later(self, connection: RelayConnection) -> None:
         """Flush ``connection`` at the start of the next reactor turn, with all others.
 
@@ -526,6 +569,7 @@ class RelayFactory(ServerFactory):
             if connection.session is not None:
                 connection.session.shut_down(reason)
         self._refusal_log.stop()
+        self._hangups.stop()
 
 
 def listen_loopback(reactor: IReactorTCP, factory: RelayFactory, port: int) -> list[IListeningPort]:

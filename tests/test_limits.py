@@ -39,37 +39,53 @@ from tests.test_session import Harness
 
 def test_budget_wakes_waiters_as_soon_as_what_each_needs_fits() -> None:
     budget = ByteBudget(100)
-    budget.take(100)
+    budget.take(200, "hog")  # the overdraft too
     woken: list[str] = []
-    budget.wait(lambda: woken.append("big"), 80)
-    budget.wait(lambda: woken.append("small"), 10)
-    assert budget.waiting == 2
-    budget.give(20)  # 80 used: 10 more fit, 80 more do not
+    budget.wait(lambda: woken.append("big"), 80, "a")
+    budget.wait(lambda: woken.append("small"), 30, "b")
+    assert woken == [] and budget.waiting == 2
+    budget.give(80, "hog")  # 120 used: 30 more fit b's share (100 / 2), 80 do not
     assert woken == ["small"]
-    budget.give(80)
+    budget.give(120, "hog")
     assert woken == ["small", "big"]
     assert budget.waiting == 0
 
 
 def test_a_holder_alone_may_go_beyond_the_budget() -> None:
     budget = ByteBudget(100)
-    assert budget.fits(500)  # one packet larger than the whole budget must still get through
-    budget.take(10)
-    assert not budget.fits(500)
-    assert budget.fits(500, held=10)  # ...when the holder is the only one
+    assert budget.fits(500, "a")  # one packet larger than the whole budget must still get through
+    budget.take(10, "a")
+    assert budget.fits(500, "a")  # ...as long as its holder is the only one
+    assert not budget.fits(500, "b")
+    budget.take(500, "a")
+    assert not budget.fits(1, "a")  # and then it has had its turn
+
+
+def test_one_holder_spending_the_budget_does_not_stop_the_others() -> None:
+    budget = ByteBudget(100)
+    budget.take(100, "hog")  # say, requests that will wait for minutes
+    assert not budget.fits(1, "hog")  # the hog waits...
+    assert budget.fits(50, "other")  # ...the others get their share (100 / 2)...
+    assert not budget.fits(51, "other")
+    budget.take(50, "other")
+    assert budget.fits(0, "third") and not budget.fits(34, "third")  # (100 / 3)
+    budget.take(33, "third")
+    budget.take(17, "fourth")  # ...but never more than twice the budget in all
+    assert budget.used == 200 and not budget.fits(1, "fifth")
+    assert budget.held("other") == 50 and budget.holders == 4
 
 
 def test_a_waiter_that_gives_up_is_never_called() -> None:
     budget = ByteBudget(10)
-    budget.take(10)
+    budget.take(10, "hog")
     woken: list[int] = []
 
     def waiter() -> None:
         woken.append(1)
 
-    budget.wait(waiter)
+    budget.wait(waiter, 10, "a")
     budget.cancel(waiter)
-    budget.give(10)
+    budget.give(10, "hog")
     assert woken == []
 
 

@@ -171,23 +171,26 @@ def test_a_packet_that_does_not_fit_the_partial_budget_waits_for_room() -> None:
     assert first_transport.producerState == "producing"
 
 
-def test_requesters_are_not_read_while_the_request_budget_is_spent() -> None:
+def test_requesters_beyond_their_share_are_not_read_while_the_request_budget_is_spent() -> None:
     harness = Harness(MessagingLimits(max_request_bytes=10_000, max_timeout_ms=500))
     client, transport = harness.connect()
     other, other_transport = harness.connect()
+    third, third_transport = harness.connect()
     client.dataReceived(
         b"".join(codec.Request(i, "nobody", bytes(3000), 60_000).encode() for i in range(4))
     )
     assert harness.broker.request_budget.spent
     assert transport.producerState == "paused"
-    # A request still arriving waits too: it would take from the same budget.
+    # Another client still gets its share (10,000 / 2), even for a request still arriving...
     other.dataReceived(codec.Request(1, "nobody", bytes(3000), 60_000).encode()[:100])
-    assert other_transport.producerState == "paused"
+    assert other_transport.producerState == "producing"
+    # ...but not more than that share (10,000 / 3 now): that one waits for room.
+    third.dataReceived(codec.Request(1, "nobody", bytes(4000), 60_000).encode()[:100])
+    assert third_transport.producerState == "paused"
     harness.clock.advance(0.5)  # the node's longest timeout: the requests end
     harness.turn()
-    assert harness.broker.request_budget.used < 10_000
     assert transport.producerState == "producing"
-    assert other_transport.producerState == "producing"
+    assert third_transport.producerState == "producing"
     assert [type(p) for p in harness.read(transport)] == [codec.TimedOut] * 4
 
 

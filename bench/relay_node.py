@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -91,9 +92,12 @@ class NodeProcess:
         extra_args: list[str] | None = None,
         timeout: float = 30.0,
         python_path: str | None = None,
+        on_line: Callable[[bytes], None] | None = None,
     ) -> None:
-        """``python_path``: run the node from that source tree instead (to compare two trees)."""
+        """``python_path``: run the node from that source tree instead (to compare two trees);
+        ``on_line``: called (in the draining thread) with every line the node logs."""
         compile_node()
+        self._on_line = on_line
         argv = [sys.executable, "-m", "irisnode", "--relay-port", "0", *(extra_args or [])]
         self._ready = threading.Event()
         self._log: collections.deque[bytes] = collections.deque(maxlen=50)
@@ -129,6 +133,8 @@ class NodeProcess:
             self.log_lines += 1
             if TRACEBACK.search(line):
                 self.tracebacks += 1
+            if self._on_line is not None:
+                self._on_line(line)
             if not self.port:
                 match = READY.search(line)
                 if match:

@@ -23,7 +23,7 @@ every write whoever makes it (a packet being handled, a timer, a node service).
 The backlog comes from Twisted's public producer contract: the transport says
 when its buffer is full (``pauseProducing``) and when it has drained
 (``resumeProducing``); in between, every byte handed to it counts. One shortcut
-reads Twisted internals, for speed only: :func:`_idle_socket` (see there).
+reads Twisted internals, for speed only: :func:`relay.tcp.idle_socket` (see there).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted import __version__ as twisted_version
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -53,6 +51,7 @@ from relay.session import (
     SharedEncoding,
     State,
 )
+from relay.tcp import client_gone, idle_socket
 
 log = Logger(namespace="irisnode.relay")
 
@@ -61,7 +60,6 @@ RESERVED_DESCRIPTORS = 128
 
 HANGUP_CHECK_SECONDS = 1.0
 """How often connections the node is not reading are checked for a client that has gone."""
-_TCP_ESTABLISHED = 1
 
 
 def default_max_connections() -> int:
@@ -323,7 +321,7 @@ class RelayConnection(Protocol):
         transport: Any = self.transport
         if transport is None:
             return
-        sock = _idle_socket(transport)
+        sock = idle_socket(transport)
         if sock is not None:
             try:
                 sent = sock.send(data)
@@ -399,68 +397,6 @@ class RelayConnection(Protocol):
         self._full = False
         self._unsent = 0
         self._release_waiters()
-
-
-TWISTED_SHORTCUT_VERSIONS = ((24, 3), (27, 0))
-"""Twisted releases (from, up to but not including) whose TCP transport internals
-:func:`_idle_socket` was written for: the dependency's range in ``pyproject.toml``, and
-``tests/test_twisted_internals.py`` fails loudly on any other."""
-
-
-def _internals_present() -> bool:
-    """Whether this Twisted's TCP transports keep their write buffer where we look."""
-    major, minor = (int(part) for part in twisted_version.split(".")[:2])
-    low, high = TWISTED_SHORTCUT_VERSIONS
-    if not low <= (major, minor) < high:
-        return False
-    sample = FileDescriptor(reactor=object())  # type: ignore[arg-type]  # never started
-    names = ("dataBuffer", "offset", "_tempDataLen", "connected", "disconnecting")
-    return all(hasattr(sample, name) for name in names)
-
-
-_SOCKET_SHORTCUT = _internals_present()
-"""Write straight to an idle TCP socket (see :meth:`RelayConnection.flush`); off on a Twisted
-whose internals may have moved, where everything goes through ``transport.write``."""
-
-
-def _idle_socket(transport: Any) -> socket.socket | None:
-    """The socket of a Twisted TCP transport with nothing buffered, else None.
-
-    Reads Twisted internals (``dataBuffer``, ``offset``, ``_tempDataLen`` of
-    ``FileDescriptor``): there is no public way to ask whether a transport's buffer is
-    empty, and writing straight to the socket then saves a reactor turn per write.
-    Only for the releases in :data:`TWISTED_SHORTCUT_VERSIONS`; correctness never
-    depends on it (backpressure uses only the public producer contract).
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        _SOCKET_SHORTCUT
-        and isinstance(sock, socket.socket)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    ):
-        return sock
-    return None
-
-
-def _client_gone(transport: Any) -> bool:
-    """Whether the client of a TCP transport has closed or reset its end.
-
-    A transport the node does not read is not polled for reading, so nothing else would
-    notice: the TCP state says it (``CLOSE_WAIT`` after the client's FIN, ``CLOSE``
-    after a reset) even while unread data is still waiting.
-    """
-    handle = getattr(transport, "getHandle", None)
-    sock = handle() if handle is not None else None
-    if not isinstance(sock, socket.socket) or sock.type != socket.SOCK_STREAM:
-        return False
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return True
-    return bool(state != _TCP_ESTABLISHED)
 
 
 def _describe(address: IAddress | None) -> str:
@@ -542,7 +478,7 @@ class RelayFactory(ServerFactory):
     def _check_hangups(self, now: float) -> float | None:
         for connection in list(self.not_reading):
             transport: Any = connection.transport
-            if transport is not None and _client_gone(transport):
+            if transport is not None and client_gone(transport):
                 transport.abortConnection()  # its requests end with it (and free the budget)
         return now + HANGUP_CHECK_SECONDS if self.not_reading else None
 

@@ -59,6 +59,8 @@ CASE_SECONDS = 10.0
 """A relay case the node has not closed by then counts as hung."""
 LINK_DROP_SECONDS = 0.1
 """How long a link worker waits for the node to drop a link after a malformed frame."""
+MAX_KEPT_IN_A_ROW = 20
+"""Malformed frames a link may survive in a row before the worker links afresh."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LINK_PORT = re.compile(r"links on port (\d+)")
 _NUMBER = re.compile(r"\b\d+\b|0x[0-9a-f]+|'[^']*'|\"[^\"]*\"|\([^)]*\)")
@@ -306,8 +308,10 @@ def link_worker(port: int, key_file: str, count: int, seed: int) -> Counts:
             outcome["dropped"] += 1
             link.close()
             link = None
+            kept_in_a_row = 0
         elif malformed:
             outcome["kept"] += 1  # well-formed after all (a mutation can be harmless)
+            kept_in_a_row += 1
         elif not link.drain():
             outcome["dropped after a valid message"] += 1
             link.close()
@@ -381,6 +385,7 @@ def fuzz(args: argparse.Namespace) -> Counts:
         link: Counts = {}
         if link_inputs and node.alive():
             share = -(-link_inputs // args.workers)
+            print(f"relay inputs done in {relay_seconds:.0f} s; links next", file=sys.stderr)
             link_jobs = [
                 (tally.link_port, key_file, share, seeds.randrange(1 << 32))
                 for _ in range(args.workers)

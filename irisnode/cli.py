@@ -185,7 +185,8 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=_count,
         metavar="N",
-        help="relay connections at once; more are refused (default: the descriptor limit less 128)",
+        help="relay connections at once; more are refused (default 4096, or the descriptor "
+        "limit less 128 if that is lower)",
     )
     limits.add_argument(
         "--max-subscriptions",

@@ -119,9 +119,9 @@ class RelayConnection(Protocol):
         self.congested = False
         self._high_water = factory.limits.high_water
         self._outbox: list[bytes] = []  # written this reactor turn, not yet handed to the socket
-        self._queued = 0  # bytes in the outbox
         self._full = False  # the transport said its buffer is full and has not drained since
         self._unsent = 0  # bytes handed to the transport since it said it was full
+        self._room = self._high_water  # high_water - backlog: below 0 means congested
         self._waiters: set[RelayConnection] = set()  # not read until we have caught up
         self._blockers = 0  # reasons we are not read: congested connections, budgets
         self._reserved = 0  # bytes of our packet in progress held against a budget
@@ -174,22 +174,26 @@ class RelayConnection(Protocol):
                 session.data_received(data, factory.clock.seconds())
         finally:
             factory.reader = None
-        if self._reserved or session.partial_need:
-            self._reserve(session.partial_need, session.partial_request)
+        need = session.partial_need
+        if need or self._reserved:
+            self._reserve(need, session.partial_request)
         if session.requests != requests and not session.closed:
             budget = factory.request_budget
             if not budget.fits(1, session):
                 self._wait_for(budget)  # it holds its share of requests: let some end first
-        if session.has_unhandled and not self._more_later:
+        if session.unhandled and not self._more_later:
             # Its share of this turn is done: the rest on the next, and no reading meanwhile.
             self._more_later = True
             self._block(counted=False)
             factory.clock.callLater(0, self._handle_more)
-        if self._handshaking and session.state is not State.AWAITING_INIT:
-            self._handshaking = False
-            self._timer.stop()
-            if session.state is State.OPEN:
-                factory.counters.handshakes += 1
+        if self._handshaking:
+            if session.state is not State.AWAITING_INIT:
+                self._handshaking = False
+                self._timer.stop()
+                if session.state is State.OPEN:
+                    factory.counters.handshakes += 1
+        elif not need:
+            return  # no deadline to watch
         deadline = session.next_deadline()
         if deadline is not None:
             self._timer.wake(deadline)
@@ -197,7 +201,7 @@ class RelayConnection(Protocol):
     def _handle_more(self) -> None:
         self._more_later = False
         self._unblock()
-        if self.session is not None and self.session.has_unhandled:
+        if self.session is not None and self.session.unhandled:
             self._handle(self.session, None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -293,7 +297,7 @@ class RelayConnection(Protocol):
     @property
     def backlog(self) -> int:
         """Bytes written to this connection that the client has not taken yet (at most)."""
-        return self._queued + self._unsent
+        return self._high_water - self._room
 
     @property
     def overloaded(self) -> bool:
@@ -303,11 +307,10 @@ class RelayConnection(Protocol):
         if not self._outbox:
             self.factory.flush_later(self)
         self._outbox.append(data)
-        self._queued += len(data)
-        if self.congested:
-            self._hold(self.factory.reader)
-        elif self._queued + self._unsent > self._high_water:
-            self._congest()
+        self._room -= len(data)
+        if self._room < 0:  # congested (or now becoming so): whoever wrote this waits
+            if not self.congested:
+                self._congest()
             self._hold(self.factory.reader)
 
     def flush(self) -> None:
@@ -323,7 +326,6 @@ class RelayConnection(Protocol):
             return
         data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
         outbox.clear()
-        self._queued = 0
         transport: Any = self.transport
         if transport is None:
             return
@@ -337,10 +339,11 @@ class RelayConnection(Protocol):
         if data:
             transport.write(data)  # may call pauseProducing: the buffer is now full
             self._unsent = self._unsent + len(data) if self._full else 0
+        self._room = self._high_water - self._unsent
         if self.congested:
-            if self._unsent <= self._high_water:
+            if self._room >= 0:
                 self._uncongest()
-        elif self._unsent > self._high_water:
+        elif self._room < 0:
             self._congest()
 
     def close(self) -> None:
@@ -395,13 +398,15 @@ class RelayConnection(Protocol):
     def resumeProducing(self) -> None:
         self._full = False
         self._unsent = 0
-        if self._queued <= self._high_water:
+        self._room = self._high_water - sum(map(len, self._outbox))
+        if self._room >= 0:
             self._uncongest()
 
     def stopProducing(self) -> None:
         """The connection is closing: whoever waits for it need not wait any longer."""
         self._full = False
         self._unsent = 0
+        self._room = self._high_water
         self._release_waiters()
 
 

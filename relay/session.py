@@ -97,37 +97,32 @@ class SharedEncoding:
     """Encodes a broadcast or event once for all the sessions it fans out to.
 
     The node delivers one payload object to every receiver in turn, so the last
-    encoding is kept and reused while the same object comes back. The owner calls
-    :meth:`forget` once the fan-out is over (the relay server does, after each
-    reactor turn's writes), so no payload outlives the turn that delivered it.
+    encoding is kept (``*_key`` is the payload it encodes) and reused while the same
+    object comes back. The owner calls :meth:`forget` once the fan-out is over (the
+    relay server does, after each reactor turn's writes), so no payload outlives the
+    turn that delivered it.
     """
 
-    __slots__ = ("_broadcast", "_broadcast_bytes", "_event", "_event_bytes", "_topic")
+    __slots__ = ("broadcast_bytes", "broadcast_key", "event_bytes", "event_key", "event_topic")
 
     def __init__(self) -> None:
         self.forget()
 
     def forget(self) -> None:
-        self._broadcast: bytes | None = None
-        self._broadcast_bytes = b""
-        self._event: bytes | None = None
-        self._topic = ""
-        self._event_bytes = b""
+        self.broadcast_key: bytes | None = None
+        self.broadcast_bytes = b""
+        self.event_key: bytes | None = None
+        self.event_topic = ""
+        self.event_bytes = b""
 
-    def broadcast(self, message: bytes) -> bytes:
-        if self._broadcast is not message:
-            self._broadcast = message
-            self._broadcast_bytes = b"".join((b"\x03", encode_varint(len(message)), message))
-        return self._broadcast_bytes
+    def encode_broadcast(self, message: bytes) -> None:
+        self.broadcast_key = message
+        self.broadcast_bytes = b"".join((b"\x03", encode_varint(len(message)), message))
 
-    def event(self, topic: str, event: bytes) -> bytes:
-        if self._event is not event or self._topic != topic:
-            self._event = event
-            self._topic = topic
-            self._event_bytes = b"".join(
-                (b"\x08", encode_str(topic), encode_varint(len(event)), event)
-            )
-        return self._event_bytes
+    def encode_event(self, topic: str, event: bytes) -> None:
+        self.event_key = event
+        self.event_topic = topic
+        self.event_bytes = b"".join((b"\x08", encode_str(topic), encode_varint(len(event)), event))
 
 
 class RelaySession:
@@ -155,7 +150,10 @@ class RelaySession:
         self._packet_seconds = packet_seconds
         self._packet_deadline: float | None = None
         self._packets_per_turn = packets_per_turn
-        self._unhandled: list[Any] = []
+        self.unhandled: list[Any] = []
+        """Packets that have arrived and wait for :meth:`handle_more` (this turn's share is done)."""
+        self.partial_need = 0
+        """Bytes the packet in progress takes in all, as far as known so far; 0 if none."""
         self._shared = shared if shared is not None else SharedEncoding()
         self.requests = 0
         """REQUEST packets handled so far (the adapter watches it for the request budget)."""
@@ -196,26 +194,22 @@ class RelaySession:
             self._packet_deadline = None
         elif packets or self._packet_deadline is None:
             self._packet_deadline = now + self._packet_seconds  # a new packet has begun
-        if self._unhandled:
-            self._unhandled += packets
+        self.partial_need = decoder.partial_need
+        if self.unhandled:
+            self.unhandled += packets
         else:
-            self._unhandled = packets
+            self.unhandled = packets
         self.handle_more(now)
-
-    @property
-    def has_unhandled(self) -> bool:
-        """Packets have arrived that wait for :meth:`handle_more` (one turn's share is done)."""
-        return bool(self._unhandled)
 
     def handle_more(self, now: float) -> None:
         """Handle the next share of the packets that have arrived."""
-        packets = self._unhandled
+        packets = self.unhandled
         share = self._packets_per_turn
         if len(packets) > share:
-            self._unhandled = packets[share:]
+            self.unhandled = packets[share:]
             packets = packets[:share]
         else:
-            self._unhandled = []
+            self.unhandled = []
         try:
             for packet in packets:
                 state = self.state
@@ -224,19 +218,14 @@ class RelaySession:
                 elif state is State.AWAITING_INIT:
                     self._handshake(packet)
                 else:
-                    self._unhandled = []
+                    self.unhandled = []
                     return  # whatever follows a close is ignored
         except (RemoteProtocolError, LimitExceeded) as error:
-            self._unhandled = []
+            self.unhandled = []
             self._drop(str(error))
             return
-        if self._decoder.error is not None and not self._unhandled and not self.closed:
+        if self._decoder.error is not None and not self.unhandled and not self.closed:
             self._drop(str(self._decoder.error))  # after the good packets that came before it
-
-    @property
-    def partial_need(self) -> int:
-        """Bytes the packet in progress takes in all, as far as known so far; 0 if none."""
-        return self._decoder.partial_need
 
     @property
     def partial_request(self) -> bool:
@@ -245,7 +234,7 @@ class RelaySession:
 
     def connection_lost(self) -> None:
         """The socket is gone (client hung up, or we closed it)."""
-        self._unhandled = []
+        self.unhandled = []
         if self.state is State.OPEN:
             self._detach("connection lost")
         self.state = State.CLOSED
@@ -459,14 +448,20 @@ class RelaySession:
             if self._wire.overloaded:
                 self._wire.drop_delivery("broadcast")
                 return
-            self._wire.write(self._shared.broadcast(message))
+            shared = self._shared
+            if shared.broadcast_key is not message:
+                shared.encode_broadcast(message)
+            self._wire.write(shared.broadcast_bytes)
 
     def deliver_event(self, topic: str, event: bytes) -> None:
         if self.state is State.OPEN:
             if self._wire.overloaded:
                 self._wire.drop_delivery("event")
                 return
-            self._wire.write(self._shared.event(topic, event))
+            shared = self._shared
+            if shared.event_key is not event or shared.event_topic != topic:
+                shared.encode_event(topic, event)
+            self._wire.write(shared.event_bytes)
 
     def offer_tunnel(self, offer: int, chunk_limit: int) -> None:
         if self.state is State.OPEN:

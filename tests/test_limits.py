@@ -287,13 +287,16 @@ def test_a_steady_stream_of_packets_never_meets_the_deadline() -> None:
 
 
 def test_a_fan_out_is_encoded_once_and_forgotten_after() -> None:
+    harness = Harness()
     shared = SharedEncoding()
-    message = bytes(1000)
-    first = shared.broadcast(message)
-    assert shared.broadcast(message) is first
-    assert codec.client_decoder().feed(first) == [codec.BroadcastDelivered(message)]
+    subscribers = [harness.connect(shared=shared) for _ in range(3)]
+    for session, _ in subscribers:
+        harness.send(session, Subscribe("t"))
+    event = bytes(1000)
+    harness.broker.publish("t", event)
+    assert shared.event_key is event  # encoded once, for all three
+    assert codec.client_decoder().feed(shared.event_bytes) == [Publish("t", event)]
+    for _, wire in subscribers:
+        assert wire.take() == [Publish("t", event)]
     shared.forget()
-    assert shared.broadcast(message) is not first
-    event = shared.event("t", message)
-    assert shared.event("t", message) is event
-    assert shared.event("u", message) is not event
+    assert shared.event_key is None and shared.event_bytes == b""

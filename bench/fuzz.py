@@ -141,8 +141,9 @@ class _Case:
         self.decoder = codec.client_decoder(max_payload=1 << 30)
 
 
-def relay_worker(port: int, count: int, seed: int) -> Counts:
-    """Send ``count`` relay cases, ``CONCURRENT`` connections at a time."""
+def relay_worker(port: int, count: int, seed: int, until: float) -> Counts:
+    """Send ``count`` relay cases (fewer if ``until``, a monotonic time, comes first),
+    ``CONCURRENT`` connections at a time."""
     rng = random.Random(seed)
     cases = RelayCases(rng)
     selector = selectors.DefaultSelector()
@@ -151,6 +152,8 @@ def relay_worker(port: int, count: int, seed: int) -> Counts:
     closes: collections.Counter[str] = collections.Counter()
     started = hung = refused = 0
     while started < count or open_cases:
+        if time.monotonic() > until:
+            count = started
         while started < count and len(open_cases) < CONCURRENT:
             kind, data = cases.next()
             sock = socket.socket()
@@ -254,8 +257,9 @@ class LinkClient:
         self.sock.close()
 
 
-def link_worker(port: int, key_file: str, count: int, seed: int) -> Counts:
-    """Send ``count`` link inputs, linking again whenever the node drops the link."""
+def link_worker(port: int, key_file: str, count: int, seed: int, until: float) -> Counts:
+    """Send ``count`` link inputs (fewer if ``until`` comes first), linking again whenever the
+    node drops the link."""
     from overlay import wire
     from overlay.identity import Credentials, NetworkKey, NodeIdentity
 
@@ -375,11 +379,14 @@ def fuzz(args: argparse.Namespace) -> Counts:
             time.sleep(0.05)
         rss_before = stats.rss()
         began = time.monotonic()
+        until = time.monotonic() + args.seconds
         seeds = random.Random(args.seed)
         relay: Counts = {}
         if args.relay_inputs:
             share = -(-args.relay_inputs // args.workers)
-            jobs = [(node.port, share, seeds.randrange(1 << 32)) for _ in range(args.workers)]
+            jobs = [
+                (node.port, share, seeds.randrange(1 << 32), until) for _ in range(args.workers)
+            ]
             relay = _merge(_run_workers(relay_worker, jobs, health))
         relay_seconds = time.monotonic() - began
         link: Counts = {}
@@ -387,7 +394,7 @@ def fuzz(args: argparse.Namespace) -> Counts:
             share = -(-link_inputs // args.workers)
             print(f"relay inputs done in {relay_seconds:.0f} s; links next", file=sys.stderr)
             link_jobs = [
-                (tally.link_port, key_file, share, seeds.randrange(1 << 32))
+                (tally.link_port, key_file, share, seeds.randrange(1 << 32), until)
                 for _ in range(args.workers)
             ]
             link = _merge(_run_workers(link_worker, link_jobs, health))
@@ -424,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--link-inputs", type=int, default=2_000, help="link frames to send")
     parser.add_argument("--workers", type=int, default=2, help="fuzzing processes per phase")
     parser.add_argument("--seed", type=int, default=1, help="makes a run reproducible")
+    parser.add_argument(
+        "--seconds", type=float, default=1e9, help="stop sending after this long (report as usual)"
+    )
     parser.add_argument(
         "--no-netns", action="store_true", help="skip the link part (no private namespace)"
     )

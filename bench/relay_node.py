@@ -14,11 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 READY = re.compile(rb"ready: relay on (?:\[[0-9a-fA-F:.]+\]|[0-9.]+|[\w.-]+):(\d+)")
 """The node's ready log line on stderr; the first address carries the port."""
+TRACEBACK = re.compile(rb"Traceback \(most recent call last\)|Unhandled Error|Unhandled error")
+"""A line that means some code failed with an exception the node did not handle."""
 
 
 class NodeError(Exception):
@@ -84,15 +87,33 @@ class NodeProcess:
     the node); the last lines are kept for error messages.
     """
 
-    def __init__(self, extra_args: list[str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        extra_args: list[str] | None = None,
+        timeout: float = 30.0,
+        python_path: str | None = None,
+        on_line: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """``python_path``: run the node from that source tree instead (to compare two trees);
+        ``on_line``: called (in the draining thread) with every line the node logs."""
         compile_node()
+        self._on_line = on_line
         argv = [sys.executable, "-m", "irisnode", "--relay-port", "0", *(extra_args or [])]
         self._ready = threading.Event()
         self._log: collections.deque[bytes] = collections.deque(maxlen=50)
+        self.log_lines = 0
+        self.tracebacks = 0
+        """Lines of the log that start a traceback or report an unhandled error."""
         self.port = 0
         started = time.perf_counter()
+        env = None if python_path is None else {**os.environ, "PYTHONPATH": python_path}
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=python_path,  # ``-m`` puts the working directory first on sys.path
         )
         assert self.process.stderr is not None
         self._reader = threading.Thread(
@@ -109,6 +130,11 @@ class NodeProcess:
     def _drain(self, stream: IO[bytes]) -> None:
         for line in stream:
             self._log.append(line)
+            self.log_lines += 1
+            if TRACEBACK.search(line):
+                self.tracebacks += 1
+            if self._on_line is not None:
+                self._on_line(line)
             if not self.port:
                 match = READY.search(line)
                 if match:

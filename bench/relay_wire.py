@@ -20,9 +20,26 @@ class RelayError(Exception):
     """The node refused the handshake, dropped the connection or broke the protocol."""
 
 
-def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-    """A TCP connection with Nagle off (requests are small and latency is measured)."""
-    sock = socket.create_connection(address, timeout=timeout)
+def connect(
+    address: tuple[str, int], timeout: float, receive_buffer: int | None = None
+) -> socket.socket:
+    """A TCP connection with Nagle off (requests are small and latency is measured).
+
+    ``receive_buffer`` shrinks the kernel's buffer for what the node sends (set before
+    connecting, so the window follows): a client that never reads then makes the node
+    hold its output after a few KiB instead of after several MiB.
+    """
+    if receive_buffer is None:
+        sock = socket.create_connection(address, timeout=timeout)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -32,8 +49,14 @@ class Wire:
 
     __slots__ = ("_early", "decoder", "sock")
 
-    def __init__(self, address: tuple[str, int], cluster: str = "", timeout: float = 5.0) -> None:
-        self.sock = connect(address, timeout)
+    def __init__(
+        self,
+        address: tuple[str, int],
+        cluster: str = "",
+        timeout: float = 5.0,
+        receive_buffer: int | None = None,
+    ) -> None:
+        self.sock = connect(address, timeout, receive_buffer)
         self.decoder = codec.client_decoder()
         self._early: list[NodePacket] = []
         try:

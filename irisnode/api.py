@@ -14,6 +14,7 @@ only handed back to the endpoint that chose them.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Protocol
 
 DEFAULT_CHUNK_LIMIT = 65536
@@ -26,8 +27,26 @@ TUNNEL_CONFIRM_SECONDS = 3.0
 """How long a service has to accept a tunnel offer before the offer is withdrawn."""
 
 
-RESERVED_PREFIX = "$node."
-"""Clusters the node serves itself (see :mod:`irisnode.system`); applications cannot join."""
+RESERVED_PREFIX = "$"
+"""Cluster names the node keeps for itself (see :mod:`irisnode.system`): applications cannot
+register them, and a request to one the node does not serve fails at once."""
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def is_reserved(name: str) -> bool:
+    """Whether ``name`` is in the node's namespace: it starts with ``$``, or with a look-alike.
+
+    Look-alikes are characters that read as ``$`` (fullwidth U+FF04, small U+FE69: their
+    NFKC form is ``$``), possibly after invisible ones (spaces, controls, zero-width
+    characters), so that no application can pose as a node service in a listing.
+    """
+    for char in name:
+        if char == RESERVED_PREFIX:
+            return True
+        if unicodedata.category(char) not in _INVISIBLE:
+            return unicodedata.normalize("NFKC", char).startswith(RESERVED_PREFIX)
+    return False
 
 
 class Endpoint(Protocol):
@@ -129,7 +148,11 @@ class Messaging(Protocol):
         """Deliver ``message`` once to every member of ``cluster``."""
 
     def subscribe(self, endpoint: Endpoint, topic: str) -> None:
-        """Deliver events of ``topic`` to ``endpoint`` (subscribing twice is harmless)."""
+        """Deliver events of ``topic`` to ``endpoint`` (subscribing twice is harmless).
+
+        Raises :class:`~irisnode.limits.LimitExceeded` when the endpoint already has as
+        many subscriptions as it may.
+        """
 
     def unsubscribe(self, endpoint: Endpoint, topic: str) -> bool:
         """Stop delivering ``topic``; False if the endpoint was not subscribed."""
@@ -142,5 +165,11 @@ class Messaging(Protocol):
     ) -> None:
         """Build a tunnel to one member; ``tunnel_opened`` or ``tunnel_failed`` follows."""
 
+    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int) -> None:
+        """The origin gives up a tunnel it is still building: no outcome follows."""
+
     def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
         """A member accepts a tunnel offer; None if the offer is unknown or expired."""
+
+    def caught_up(self, endpoint: Endpoint) -> None:
+        """The endpoint is no longer congested: work held back for it may go now."""

@@ -16,17 +16,33 @@ Guarantees kept here:
 * an event reaches every subscriber of the topic once;
 * a tunnel offer is withdrawn, and only that tunnel fails, when the member does
   not accept it within :data:`~irisnode.api.TUNNEL_CONFIRM_SECONDS`.
+
+What it holds is bounded (:class:`~irisnode.limits.MessagingLimits`): a request's
+timeout is at most ``max_timeout_ms``; a request counts against the node-wide
+request budget from its arrival until its outcome (the relay stops reading from
+requesters while the budget is spent); work for a cluster whose members are all
+congested waits here, counted, instead of piling up in their buffers; whatever an
+endpoint originated ends when it detaches; an endpoint subscribes to at most
+``max_subscriptions`` topics.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from irisnode import tunnel
-from irisnode.api import DEFAULT_CHUNK_LIMIT, TUNNEL_CONFIRM_SECONDS, Endpoint, TunnelEnd
+from irisnode.api import (
+    DEFAULT_CHUNK_LIMIT,
+    TUNNEL_CONFIRM_SECONDS,
+    Endpoint,
+    TunnelEnd,
+    is_reserved,
+)
+from irisnode.limits import REQUEST_OVERHEAD, ByteBudget, LimitExceeded, MessagingLimits
 
 _CONGESTION_PENALTY = 1 << 30
 UNMEASURED_SERVICE = 0.01
@@ -38,13 +54,14 @@ MIN_SERVICE = 0.0001
 class _Attachment:
     """Broker-side state of one endpoint."""
 
-    __slots__ = ("alive", "assigned", "cluster", "endpoint", "service", "topics")
+    __slots__ = ("assigned", "cluster", "endpoint", "offers", "requests", "service", "topics")
 
     def __init__(self, endpoint: Endpoint, cluster: str) -> None:
         self.endpoint = endpoint
         self.cluster = cluster
-        self.alive = True
         self.assigned: dict[int, _Request | _Offer] = {}  # unanswered work given to this member
+        self.requests: dict[int, _Request] = {}  # its own requests in flight, by handle
+        self.offers: dict[int, _Offer] = {}  # its own tunnels being built, by its tunnel id
         self.topics: set[str] = set()
         self.service = 0.0  # recent time to answer a request, seconds (0: not known yet)
 
@@ -59,6 +76,7 @@ class _Request:
         "payload",
         "request_id",
         "sent_at",
+        "size",
         "timeout_ms",
     )
 
@@ -76,7 +94,8 @@ class _Request:
         self.cluster = cluster
         self.origin = origin
         self.request_id = request_id
-        self.payload = payload
+        self.payload = payload  # until delivered: then the member's connection holds it
+        self.size = len(payload) + REQUEST_OVERHEAD  # what it counts against the budget
         self.timeout_ms = timeout_ms
         self.sent_at = sent_at
         self.member: _Attachment | None = None
@@ -102,7 +121,8 @@ _Item = TypeVar("_Item", "_Request", "_Offer")
 class _Cluster:
     members: list[_Attachment] = field(default_factory=list)
     turn: int = 0
-    waiting: dict[int, _Request | _Offer] = field(default_factory=dict)  # parked, by handle
+    waiting: OrderedDict[int, _Request | _Offer] = field(default_factory=OrderedDict)
+    """Parked, oldest first, by handle: no member yet, or every member congested."""
 
 
 class Broker:
@@ -110,11 +130,15 @@ class Broker:
 
     def __init__(
         self,
+        limits: MessagingLimits | None = None,
         *,
         wake: Callable[[float], None] = lambda deadline: None,
         chunk_limit: int = DEFAULT_CHUNK_LIMIT,
         confirm_seconds: float = TUNNEL_CONFIRM_SECONDS,
     ) -> None:
+        self.limits = limits = limits or MessagingLimits()
+        self.request_budget = ByteBudget(limits.max_request_bytes)
+        """Request bytes held; the relay also takes from it for requests still arriving."""
         self._wake = wake
         self._chunk_limit = chunk_limit
         self._confirm_seconds = confirm_seconds
@@ -125,7 +149,14 @@ class Broker:
         self._deadlines: list[tuple[float, int, _Request | _Offer]] = []
         self._next_handle = 0
         self._finished_early = 0  # finished items still in the deadline heap (roughly)
-        self.counters = {"requests": 0, "replies": 0, "faults": 0, "timeouts": 0, "late": 0}
+        self.counters = {
+            "requests": 0,
+            "replies": 0,
+            "faults": 0,
+            "timeouts": 0,
+            "late": 0,
+            "withdrawn": 0,
+        }
 
     # -- attachment ------------------------------------------------------------------
 
@@ -137,15 +168,18 @@ class Broker:
         if cluster:
             group = self._clusters.setdefault(cluster, _Cluster())
             group.members.append(attachment)
-            waiting, group.waiting = group.waiting, {}
-            for item in waiting.values():
-                self._dispatch(group, item)
+            self._dispatch_waiting(group)
 
     def detach(self, endpoint: Endpoint, reason: str) -> None:
         attachment = self._attachments.pop(endpoint, None)
         if attachment is None:
             return
-        attachment.alive = False
+        # What it asked for ends with it: parked work is dropped, and an answer to work
+        # already delivered will find nothing to answer.
+        originated: list[_Request | _Offer] = [*attachment.requests.values()]
+        originated += attachment.offers.values()
+        for item in originated:
+            self._withdraw(item)
         if attachment.cluster:
             group = self._clusters[attachment.cluster]
             group.members.remove(attachment)
@@ -229,15 +263,21 @@ class Broker:
             self.counters["timeouts"] += 1
             origin.request_timed_out(request_id)
             return
-        handle = self._new_handle()
-        pending = _Request(
-            handle, cluster, self._attachments[origin], request_id, request, timeout_ms, now
-        )
-        self._pending[handle] = pending
-        self._add_deadline(now + timeout_ms / 1000.0, pending)
         group = self._clusters.get(cluster)
         if group is None:
+            if is_reserved(cluster):
+                self.counters["faults"] += 1
+                origin.request_faulted(request_id, f"no node service named {cluster[:64]!r}")
+                return
             group = self._clusters[cluster] = _Cluster()
+        timeout_ms = min(timeout_ms, self.limits.max_timeout_ms)
+        handle = self._new_handle()
+        attachment = self._attachments[origin]
+        pending = _Request(handle, cluster, attachment, request_id, request, timeout_ms, now)
+        self._pending[handle] = pending
+        attachment.requests[handle] = pending
+        self.request_budget.take(pending.size, origin)
+        self._add_deadline(now + timeout_ms / 1000.0, pending)
         self._dispatch(group, pending)
 
     def reply(self, member: Endpoint, handle: int, reply: bytes, now: float | None = None) -> None:
@@ -265,23 +305,16 @@ class Broker:
         ):
             self.counters["late"] += 1
             return None
-        del self._pending[handle]
-        del pending.member.assigned[handle]
         if now is not None and isinstance(pending, _Request):
             sample = max(now - pending.sent_at, 0.0)
             old = pending.member.service
             pending.member.service = sample if old == 0.0 else old + (sample - old) * 0.2
         self._finish(pending)
-        return pending if pending.origin.alive else None
+        return pending
 
     def _expire(self, item: _Request | _Offer) -> None:
         """No answer in time, or none will come: the origin hears it now."""
         self._finish(item)
-        self._pending.pop(item.handle, None)
-        if item.member is not None:
-            item.member.assigned.pop(item.handle, None)
-        if not item.origin.alive:
-            return
         if isinstance(item, _Request):
             self.counters["timeouts"] += 1
             item.origin.endpoint.request_timed_out(item.request_id)
@@ -297,8 +330,15 @@ class Broker:
                 member.endpoint.deliver_broadcast(message)
 
     def subscribe(self, endpoint: Endpoint, topic: str) -> None:
+        topics = self._attachments[endpoint].topics
+        if topic in topics:
+            return
+        if len(topics) >= self.limits.max_subscriptions:
+            raise LimitExceeded(
+                f"more than {self.limits.max_subscriptions} subscriptions on one connection"
+            )
+        topics.add(topic)
         self._topics.setdefault(topic, {})[endpoint] = None
-        self._attachments[endpoint].topics.add(topic)
 
     def unsubscribe(self, endpoint: Endpoint, topic: str) -> bool:
         topics = self._attachments[endpoint].topics
@@ -314,11 +354,6 @@ class Broker:
     def subscribers(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 
-    def group_sizes(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Members per cluster (0 while requests wait for one) and subscribers per topic."""
-        clusters = {name: len(group.members) for name, group in self._clusters.items()}
-        return clusters, {topic: len(subscribers) for topic, subscribers in self._topics.items()}
-
     def publish(self, topic: str, event: bytes) -> None:
         subscribers = self._topics.get(topic)
         if subscribers is not None:
@@ -330,16 +365,24 @@ class Broker:
     def open_tunnel(
         self, origin: Endpoint, tunnel_id: int, cluster: str, timeout_ms: int, now: float
     ) -> None:
-        if timeout_ms <= 0:
+        group = self._clusters.get(cluster)
+        if timeout_ms <= 0 or (group is None and is_reserved(cluster)):
             origin.tunnel_failed(tunnel_id)
             return
-        offer = _Offer(self._new_handle(), cluster, self._attachments[origin], tunnel_id)
-        self._pending[offer.handle] = offer
-        self._add_deadline(now + min(timeout_ms / 1000.0, self._confirm_seconds), offer)
-        group = self._clusters.get(cluster)
         if group is None:
             group = self._clusters[cluster] = _Cluster()
+        attachment = self._attachments[origin]
+        offer = _Offer(self._new_handle(), cluster, attachment, tunnel_id)
+        self._pending[offer.handle] = offer
+        attachment.offers[tunnel_id] = offer
+        self._add_deadline(now + min(timeout_ms / 1000.0, self._confirm_seconds), offer)
         self._dispatch(group, offer)
+
+    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int) -> None:
+        attachment = self._attachments.get(origin)
+        offer = attachment.offers.get(tunnel_id) if attachment is not None else None
+        if offer is not None:
+            self._withdraw(offer)
 
     def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
         pending = self._answer(member, offer, _Offer)
@@ -354,32 +397,62 @@ class Broker:
 
     # -- dispatch and time -----------------------------------------------------------
 
+    def caught_up(self, endpoint: Endpoint) -> None:
+        attachment = self._attachments.get(endpoint)
+        if attachment is not None and attachment.cluster:
+            group = self._clusters.get(attachment.cluster)
+            if group is not None and group.waiting:
+                self._dispatch_waiting(group)
+
     def _dispatch(self, group: _Cluster, item: _Request | _Offer) -> None:
-        """Hand ``item`` to the least busy member, or park it until one attaches."""
+        """Hand ``item`` to the least busy member, or park it until one can take it."""
+        member = self._choose(group) if not group.waiting else None
+        if member is None:
+            group.waiting[item.handle] = item
+        else:
+            self._deliver(member, item)
+
+    def _dispatch_waiting(self, group: _Cluster) -> None:
+        """Hand parked work out, oldest first, for as long as a member can take it."""
+        waiting = group.waiting
+        while waiting:
+            member = self._choose(group)
+            if member is None:
+                return
+            _, item = waiting.popitem(last=False)
+            self._deliver(member, item)
+
+    @staticmethod
+    def _choose(group: _Cluster) -> _Attachment | None:
+        """The member with the fewest requests in flight (ties in turn); None if every one
+        is congested, since what is sent to it would only wait in its buffer."""
         members = group.members
         count = len(members)
         if count == 0:
-            group.waiting[item.handle] = item
-            return
+            return None
         if count == 1:
             member = members[0]
-        else:
-            group.turn = start = (group.turn + 1) % count
-            member = members[start]
-            best = len(member.assigned) + (_CONGESTION_PENALTY if member.endpoint.congested else 0)
-            for step in range(1, count):
-                if best == 0:
-                    break
-                candidate = members[(start + step) % count]
-                load = len(candidate.assigned)
-                if candidate.endpoint.congested:
-                    load += _CONGESTION_PENALTY
-                if load < best:
-                    member, best = candidate, load
+            return None if member.endpoint.congested else member
+        group.turn = start = (group.turn + 1) % count
+        member = members[start]
+        best = len(member.assigned) + (_CONGESTION_PENALTY if member.endpoint.congested else 0)
+        for step in range(1, count):
+            if best == 0:
+                break
+            candidate = members[(start + step) % count]
+            load = len(candidate.assigned)
+            if candidate.endpoint.congested:
+                load += _CONGESTION_PENALTY
+            if load < best:
+                member, best = candidate, load
+        return None if best >= _CONGESTION_PENALTY else member
+
+    def _deliver(self, member: _Attachment, item: _Request | _Offer) -> None:
         item.member = member
         member.assigned[item.handle] = item
         if isinstance(item, _Request):
-            member.endpoint.deliver_request(item.handle, item.payload, item.timeout_ms)
+            payload, item.payload = item.payload, b""
+            member.endpoint.deliver_request(item.handle, payload, item.timeout_ms)
         else:
             member.endpoint.offer_tunnel(item.handle, self._chunk_limit)
 
@@ -387,16 +460,30 @@ class Broker:
         self._next_handle += 1
         return self._next_handle
 
+    def _withdraw(self, item: _Request | _Offer) -> None:
+        """End ``item`` with no outcome: its origin has gone or gave up on it."""
+        self._finish(item)
+        self.counters["withdrawn"] += 1
+
     def _finish(self, item: _Request | _Offer) -> None:
-        """Mark ``item`` answered: it leaves its parking place, its deadline becomes moot."""
+        """Mark ``item`` done: it leaves every table, its deadline becomes moot."""
         item.done = True
+        self._pending.pop(item.handle, None)
+        origin = item.origin
         if isinstance(item, _Request):
-            item.payload = b""
-        if item.member is None:
+            del origin.requests[item.handle]
+        elif origin.offers.get(item.tunnel_id) is item:
+            del origin.offers[item.tunnel_id]
+        if item.member is not None:
+            item.member.assigned.pop(item.handle, None)
+        else:
             group = self._clusters[item.cluster]
             del group.waiting[item.handle]
             if not group.members and not group.waiting:
                 del self._clusters[item.cluster]
+        if isinstance(item, _Request):
+            item.payload = b""
+            self.request_budget.give(item.size, origin.endpoint)  # may let requesters read again
         self._finished_early += 1
         heap = self._deadlines
         if self._finished_early > 1024 and self._finished_early * 2 > len(heap):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.machinery
 import importlib.util
 import os
@@ -16,12 +17,16 @@ import sys
 import textwrap
 import types
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from irisnode import __version__
 from irisnode.commands import COMMANDS, suggestion
 from irisnode.commands.common import HelpFormatter
 from irisnode.commands.common import port_number as _port
+
+if TYPE_CHECKING:
+    from irisnode.limits import MessagingLimits
+    from relay.server import RelayLimits
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 LOG_LEVEL_ALIASES = {"warning": "warn", "fatal": "critical"}
@@ -45,6 +50,16 @@ def _listen_address(text: str) -> tuple[str, int]:
     if not host:
         raise argparse.ArgumentTypeError(f"not HOST:PORT or PORT: {text!r}")
     return host, _port(port)
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -156,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="UDP port of the multicast beacons (default: the standard one, 47853)",
     )
     network.add_argument(
+        "--handshake-rate",
+        type=_positive_rate,
+        default=None,
+        metavar="PER_SECOND",
+        help="link handshakes accepted per second from one address, after a burst of 20 "
+        "(default 5; each costs about half a millisecond of CPU)",
+    )
+    network.add_argument(
         "--no-discovery",
         action="store_true",
         help="no multicast discovery: only --seed nodes and those that link to us",
@@ -181,7 +204,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="unsent bytes per client beyond which broadcasts and events to it are dropped "
         "(default 64M)",
     )
+    add_limit_options(parser)
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """What the node holds for applications (docs/backpressure.md); defaults in the dataclasses."""
+    limits = parser.add_argument_group("limits", "what one node holds for its applications")
+    limits.add_argument(
+        "--max-connections",
+        type=_count,
+        metavar="N",
+        help="relay connections at once; more are refused (default 4096, or the descriptor "
+        "limit less 128 if that is lower)",
+    )
+    limits.add_argument(
+        "--max-subscriptions",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="topics one connection may subscribe to; the next one drops it (default 1000)",
+    )
+    limits.add_argument(
+        "--max-timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="longest request timeout honoured; longer ones are shortened (default 600)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=_size,
+        default=64 << 20,
+        metavar="BYTES",
+        help="request bytes held node-wide before requesters are no longer read (default 64M)",
+    )
+    limits.add_argument(
+        "--max-partial-bytes",
+        type=_size,
+        default=64 << 20,
+        metavar="BYTES",
+        help="bytes of packets still arriving, node-wide (default 64M)",
+    )
+    limits.add_argument(
+        "--packet-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a packet that has begun may take to arrive whole (default 10)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> tuple[RelayLimits, MessagingLimits]:
+    """The relay's and the messaging's limits from the parsed options."""
+    from irisnode.limits import MessagingLimits
+    from relay.server import RelayLimits
+
+    relay = RelayLimits(
+        max_payload=args.max_message_size,
+        max_backlog=args.max_backlog,
+        max_partial_bytes=args.max_partial_bytes,
+        packet_seconds=args.packet_timeout,
+    )
+    if args.max_connections is not None:
+        relay = dataclasses.replace(relay, max_connections=args.max_connections)
+    messaging = MessagingLimits(
+        max_timeout_ms=max(1, round(args.max_timeout * 1000)),
+        max_subscriptions=args.max_subscriptions,
+        max_request_bytes=args.max_request_bytes,
+    )
+    return relay, messaging
 
 
 def json_log_observer(stream: TextIO) -> Any:
@@ -248,14 +360,28 @@ def start_logging(level: str, fmt: str, stream: TextIO) -> None:
     )
 
 
-class _DeferredModule(types.ModuleType):
-    """Stands in for a module until one of its attributes is first used."""
+class _LazyLoader(importlib.util.LazyLoader):
+    """``importlib.util.LazyLoader``, except that an ``import`` statement does not load.
 
-    def __getattr__(self, name: str) -> Any:
-        spec = object.__getattribute__(self, "__spec__")
-        self.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module from now on
-        spec.loader.exec_module(self)
-        return getattr(self, name)
+    The lazy module loads on its first attribute access, and on Python before 3.15
+    the import system itself reads ``__spec__`` whenever a module already in
+    ``sys.modules`` is imported again, so every ``import ssl`` would load ``ssl``.
+    Reading ``__spec__`` is bookkeeping, not use: it is answered without loading.
+    """
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        super().exec_module(module)
+        module.__class__ = _spec_without_loading(type(module))
+
+
+def _spec_without_loading(lazy: type[types.ModuleType]) -> type[types.ModuleType]:
+    class Deferred(lazy):  # type: ignore[valid-type,misc]
+        def __getattribute__(self, name: str) -> Any:
+            if name == "__spec__":
+                return types.ModuleType.__getattribute__(self, name)
+            return super().__getattribute__(name)
+
+    return Deferred
 
 
 def defer_imports(*names: str) -> None:
@@ -263,10 +389,11 @@ def defer_imports(*names: str) -> None:
 
     Twisted imports ``http.cookiejar`` (and with it urllib, http.client and email)
     only to offer a deprecated alias, and asyncio imports ``ssl`` (OpenSSL) for TLS
-    that the relay does not speak. Standing in for them saves about a fifth of the
+    that the relay does not speak. Deferring them saves about a fifth of the
     start-up time and a third of the node's memory. Anything that really uses one
     of them gets the real module, loaded at that moment. Must run before Twisted
-    is imported.
+    is imported; a parent package (``http``, ``asyncio``) is imported here, after
+    its deferred child is in place (Twisted imports both anyway).
     """
     for name in names:
         if name in sys.modules:
@@ -281,17 +408,21 @@ def defer_imports(*names: str) -> None:
             spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None:
             continue
-        module = _DeferredModule(name)
-        module.__spec__ = spec
-        module.__loader__ = spec.loader
-        module.__file__ = spec.origin
+        loader = _LazyLoader(spec.loader)
+        spec.loader = loader
+        module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        if parent in sys.modules:
-            setattr(sys.modules[parent], child, module)
+        loader.exec_module(module)
+        if parent:
+            setattr(importlib.import_module(parent), child, module)
+
+
+DEFERRED_MODULES = ("ssl", "http.cookiejar", "asyncio.sslproto")
+"""Modules the node's dependencies import but the node never uses (see :func:`defer_imports`)."""
 
 
 def run(args: argparse.Namespace) -> int:
-    defer_imports("http.cookiejar", "ssl", "asyncio.sslproto")
+    defer_imports(*DEFERRED_MODULES)
     from irisnode.reactor import install_reactor
 
     reactor: Any = install_reactor()
@@ -300,7 +431,6 @@ def run(args: argparse.Namespace) -> int:
     from twisted.logger import Logger
 
     from irisnode.node import NetworkConfig, Node, NodeConfig
-    from relay.server import RelayLimits
 
     network = None
     if args.net is not None:
@@ -322,13 +452,18 @@ def run(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             advertise=tuple(args.advertise),
             **({} if args.link_port is None else {"link_port": args.link_port}),
+            **({} if args.handshake_rate is None else {"handshake_rate": args.handshake_rate}),
         )
 
     log = Logger(namespace="irisnode")
     start_logging(args.log_level, args.log_format, sys.stderr)
-    limits = RelayLimits(max_payload=args.max_message_size, max_backlog=args.max_backlog)
+    relay_limits, messaging_limits = limits_from(args)
     config = NodeConfig(
-        relay_port=args.relay_port, relay_limits=limits, network=network, monitor=args.metrics
+        relay_port=args.relay_port,
+        relay_limits=relay_limits,
+        messaging_limits=messaging_limits,
+        network=network,
+        monitor=args.metrics,
     )
     node = Node(reactor, config)
     exit_code = 0
@@ -373,7 +508,11 @@ def run(args: argparse.Namespace) -> int:
     # starts background jobs with SIGINT ignored, and the node must still stop on it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor.run()
-    return exit_code
+    # Everything is answered and closed, and the log is written: skip tearing the interpreter
+    # down object by object, which takes longer than the stop itself with many clients.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def warn_if_exposed(key_file: str) -> None:
@@ -398,6 +537,7 @@ def network_only_options(args: argparse.Namespace) -> list[str]:
         "--link-port": args.link_port is not None,
         "--discovery-port": args.discovery_port is not None,
         "--no-discovery": args.no_discovery,
+        "--handshake-rate": args.handshake_rate is not None,
     }
     return [option for option, used in given.items() if used]
 

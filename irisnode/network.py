@@ -98,6 +98,7 @@ def start_overlay(
         advertised_hosts=tuple(advertised),
         scope_interface=scope,
         link_limits=link_limits(max_message_size),
+        handshake_rate=network.handshake_rate,
     )
     trees: list[scribe.ScribeCore] = []
 

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from irisnode import __version__, system
 from irisnode.broker import Broker
+from irisnode.limits import MessagingLimits
 from irisnode.messaging.core import GaveUp, MessagingCore
 from irisnode.messaging.service import MessagingService
 from overlay.timer import DeadlineTimer
@@ -56,12 +57,15 @@ class NetworkConfig:
     """Addresses other nodes should dial us on; empty: this host's interface addresses."""
     state_dir: str | None = None
     """Where the node keeps its identity; without one it gets a new one every start."""
+    handshake_rate: float = 5.0
+    """Link handshakes accepted per second from one address (``--handshake-rate``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     relay_port: int = DEFAULT_RELAY_PORT
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    messaging_limits: MessagingLimits = field(default_factory=MessagingLimits)
     network: NetworkConfig | None = None
     """None: developer mode, one node on its own with no overlay and no traffic off loopback."""
     monitor: tuple[str, int] | None = None
@@ -92,12 +96,24 @@ class Node:
         """Called once everything the node listens on is bound (the overlay's link port
         a reactor turn after :meth:`start`): when the CLI says ``ready``."""
         self._timer = DeadlineTimer(reactor, self._on_timer)
-        self.broker = Broker(wake=self._timer.wake)
+        self.broker = Broker(config.messaging_limits, wake=self._timer.wake)
         self.messaging = MessagingCore(self.broker)
         self.messaging_service = MessagingService(self.messaging, reactor)
-        self.relay = RelayFactory(self.messaging_service, reactor, config.relay_limits)
+        self.relay = RelayFactory(
+            self.messaging_service,
+            reactor,
+            config.relay_limits,
+            request_budget=self.broker.request_budget,
+        )
+        self._services = [
+            system.SystemService(self.broker, reactor, self._status_request),
+            system.SystemService(self.broker, reactor, self._lookup_request),
+        ]
         self._listeners: list[IListeningPort] = []
         self._monitor: IListeningPort | None = None
+        self._relay_port = 0
+        self.relay_addresses: list[str] = []
+        """Where the relay listens, as ``host:port`` (IPv6 in brackets); empty once stopped."""
 
     def _on_timer(self, now: float) -> float | None:
         self.broker.on_timer(now)
@@ -121,12 +137,10 @@ class Node:
                     listener.stopListening()
                 self._listeners = []
                 raise
-        self.broker.attach(
-            system.SystemService(self.broker, self.reactor, self._status_request), system.STATUS
-        )
-        self.broker.attach(
-            system.SystemService(self.broker, self.reactor, self._lookup_request), system.LOOKUP
-        )
+        self.relay_addresses = [_format_address(listener) for listener in self._listeners]
+        self._relay_port = self._listeners[0].getHost().port  # type: ignore[attr-defined]
+        for service, cluster in zip(self._services, (system.STATUS, system.LOOKUP), strict=True):
+            self.broker.attach(service, cluster)
         if self.config.network is not None:
             self.reactor.callLater(0, self._start_overlay, self.config.network)
         elif self.on_ready is not None:
@@ -181,7 +195,10 @@ class Node:
 
         if self.overlay is None:
             raise RuntimeError("no overlay: this node runs in developer mode (see --net, --key)")
-        owner = await self.overlay.lookup(parse_id(request.decode("ascii", "replace").strip()))
+        key = request.strip()
+        if len(key) != 32 or key.strip(b"0123456789abcdefABCDEF"):
+            raise ValueError("a key is 32 hex digits")
+        owner = await self.overlay.lookup(parse_id(key.decode("ascii")))
         return format_id(owner).encode()
 
     def status(self) -> dict[str, Any]:
@@ -200,16 +217,21 @@ class Node:
                 "dropped_connections": counters.drops,
                 "dropped_deliveries": counters.dropped_deliveries,
                 "paused_reads": counters.paused_reads,
+                "refused_connections": counters.refused_connections,
+                "partial_bytes": self.relay.partial_budget.used,
             },
-            "messaging": {**self.broker.counters, **self.messaging.status()},
+            "messaging": {
+                **self.broker.counters,
+                "request_bytes": self.broker.request_budget.used,
+                **self.messaging.status(),
+            },
             "groups": self.messaging.groups(),
             "overlay": self.overlay.status() if self.overlay is not None else None,
         }
 
     @property
     def relay_port(self) -> int:
-        port: int = self._listeners[0].getHost().port  # type: ignore[attr-defined]
-        return port
+        return self._relay_port
 
     @property
     def monitor_url(self) -> str | None:
@@ -220,31 +242,28 @@ class Node:
         host = f"[{bound.host}]" if ":" in bound.host else bound.host
         return f"http://{host}:{bound.port}/"
 
-    @property
-    def relay_addresses(self) -> list[str]:
-        result = []
-        for listener in self._listeners:
-            host = listener.getHost()
-            address = f"[{host.host}]" if ":" in host.host else host.host  # type: ignore[attr-defined]
-            result.append(f"{address}:{host.port}")  # type: ignore[attr-defined]
-        return result
-
     async def stop(self, reason: str = "node shutting down", grace: float = 0.5) -> None:
         """Answer everything pending, say goodbye to every client, stop listening.
 
-        Clients get ``grace`` seconds to take their last bytes; then their connections
-        are cut, so stopping always finishes promptly.
+        Everything pending gets its outcome at once, before anything else can run
+        (so a request still queued for a node service times out rather than being
+        answered by a node half gone). Clients get ``grace`` seconds to take their
+        last bytes; then their connections are cut, so stopping always finishes
+        promptly.
         """
-        monitor, self._monitor = self._monitor, None
-        for listener in [*self._listeners, *([monitor] if monitor is not None else [])]:
-            stopped = listener.stopListening()
-            if stopped is not None:
-                await stopped
-        self._listeners = []
+        for service in self._services:
+            service.stop()
         self.messaging.shut_down()
         self.broker.shut_down()
         self.relay.shut_down(reason)
         self._timer.stop()
+        monitor, self._monitor = self._monitor, None
+        listeners, self._listeners = self._listeners, []
+        self.relay_addresses = []
+        for listener in [*listeners, *([monitor] if monitor is not None else [])]:
+            stopped = listener.stopListening()
+            if stopped is not None:
+                await stopped
         if self.overlay is not None:
             await self.overlay.stop()
         deadline = self.reactor.seconds() + grace
@@ -253,3 +272,9 @@ class Node:
         for connection in list(self.relay.connections):
             if connection.transport is not None:
                 connection.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _format_address(listener: IListeningPort) -> str:
+    host = listener.getHost()
+    address = f"[{host.host}]" if ":" in host.host else host.host  # type: ignore[attr-defined]
+    return f"{address}:{host.port}"  # type: ignore[attr-defined]

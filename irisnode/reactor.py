@@ -8,8 +8,10 @@ during a turn run once, right after the turn's events are handled (and before
 the reactor next blocks).
 
 It also dispatches events without Twisted's per-event legacy log context, which
-only prefixes old-style log lines with the connection's name; errors are still
-caught and logged by the reactor as usual.
+only prefixes old-style log lines with the connection's name. Errors stay isolated
+per connection as in Twisted: an exception that escapes one connection's event
+handling (a protocol's ``connectionLost``, say) is logged with that connection's
+name, and the rest of the poll's events and the end-of-turn calls still run.
 
 Only the CLI installs it; everything else works on any reactor and falls back to
 ``callLater(0)`` (see :func:`relay.server.RelayFactory.flush_later`).
@@ -61,7 +63,10 @@ class TurnReactor(EPollReactor):
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                handle(selectable, fd, event)  # type: ignore[no-untyped-call]
+                try:
+                    handle(selectable, fd, event)  # type: ignore[no-untyped-call]
+                except Exception:
+                    log.failure("error handling events of {selectable}", selectable=selectable)
         self._run_after_io()
 
     doIteration = doPoll

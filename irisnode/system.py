@@ -1,31 +1,43 @@
 """Services the node itself offers to local applications, under reserved cluster names.
 
-``$node.status`` answers with this node's state as JSON; ``$node.lookup`` takes a
-32-hex-digit key and answers with the id of the node responsible for it, found by
-routing through the overlay. Any relay client can ask (``irisnode status`` and
-``irisnode lookup`` do); the answers describe *this* node, so these clusters are
-never offered to other nodes, and applications cannot register them.
+``$node.status`` answers with this node's state as JSON (``docs/relay.md`` says what
+it tells); ``$node.lookup`` takes a 32-hex-digit key and answers with the id of the
+node responsible for it, found by routing through the overlay. Any relay client can
+ask (``irisnode status`` and ``irisnode lookup`` do); the answers describe *this*
+node, so these clusters are never offered to other nodes. Every name starting with
+``$`` is the node's (:func:`irisnode.api.is_reserved`): applications cannot register
+one, and a request to one no service here answers fails at once.
 
 Each service is an ordinary member of its cluster, attached to the broker like a
 relay connection, so requests to it get the broker's usual guarantees (one
-outcome, timeouts) with no special case in the broker.
+outcome, timeouts, the request budget) with no special case in the broker.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 
 from irisnode.api import RESERVED_PREFIX, Messaging, TunnelEnd
 
 STATUS = "$node.status"
 LOOKUP = "$node.lookup"
+MAX_FAULT = 256
+"""Longest fault text a node service sends: never an echo of unbounded input."""
 
-__all__ = ["LOOKUP", "RESERVED_PREFIX", "STATUS", "SystemService"]
+__all__ = ["LOOKUP", "MAX_FAULT", "RESERVED_PREFIX", "STATUS", "SystemService"]
 
 Handler = Callable[[bytes], Awaitable[bytes]]
+
+
+def fault_text(error: BaseException) -> str:
+    """What a requester is told when a node service fails: the error's text, bounded."""
+    text = str(error) or type(error).__name__
+    return text if len(text) <= MAX_FAULT else text[: MAX_FAULT - 3] + "..."
 
 
 class SystemService:
@@ -37,17 +49,34 @@ class SystemService:
         self._messaging = messaging
         self._reactor = reactor
         self._handler = handler
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._call: IDelayedCall | None = None
 
     def deliver_request(self, handle: int, request: bytes, timeout_ms: int) -> None:
         # Answer on a later turn: the broker is still in the middle of dispatching.
-        self._reactor.callLater(0, self._answer, handle, request)
+        self._queue.append((handle, request))
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self._answer_queued)
+
+    def stop(self) -> None:
+        """Answer nothing more: the node is stopping (the broker gives every request its end)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._queue.clear()
+
+    def _answer_queued(self) -> None:
+        self._call = None
+        queue, self._queue = self._queue, deque()
+        for handle, request in queue:
+            self._answer(handle, request)
 
     def _answer(self, handle: int, request: bytes) -> None:
         def replied(reply: bytes) -> None:
             self._messaging.reply(self, handle, reply)
 
         def failed(failure: Any) -> None:
-            self._messaging.fault(self, handle, failure.getErrorMessage() or "failed")
+            self._messaging.fault(self, handle, fault_text(failure.value))
 
         Deferred.fromCoroutine(self._run(request)).addCallbacks(replied, failed)
 

@@ -109,6 +109,9 @@ class OverlayConfig:
     """Message, frame and queue limits of every link (the message limit should cover the
     relay's ``--max-message-size`` plus the node-to-node envelope)."""
     lookup_timeout: float = 2.0
+    handshake_rate: float = 5.0
+    """Link handshakes accepted per second from one source address (a burst of 20 first):
+    each costs about half a millisecond of CPU (``--handshake-rate``)."""
 
 
 class OverlayService:
@@ -146,6 +149,7 @@ class OverlayService:
             rng=rng,
             limits=config.link_limits,
             dial_timeout=config.dial_timeout,
+            handshake_rate=config.handshake_rate,
             max_dial_queue=config.max_queued,
         )
         self.discovery: Any = None  # a MulticastDiscovery, see attach_discovery

@@ -407,19 +407,21 @@ class _Incomplete(Exception):
 
     Raised as a fresh instance every time: re-raising one shared instance would
     chain every raise's traceback onto it and keep those frames (and the buffers
-    they hold) alive forever.
+    they hold) alive forever. Where the packet's known part ends is in
+    ``_Reader.need``, set just before.
     """
 
 
 class _Reader:
     """A cursor over one buffer; every read raises ``_Incomplete`` at the end of data."""
 
-    __slots__ = ("buf", "end", "max_name", "max_payload", "pos")
+    __slots__ = ("buf", "end", "max_name", "max_payload", "need", "pos")
 
     def __init__(self, max_payload: int, max_name: int) -> None:
         self.buf: bytes | bytearray = b""
         self.pos = 0
         self.end = 0
+        self.need = 0  # offset in buf that the packet being read reaches at least
         self.max_payload = max_payload
         self.max_name = max_name
 
@@ -464,9 +466,14 @@ class _Reader:
         start = self.pos
         stop = start + length
         if stop > self.end:
+            self.need = stop
             raise _Incomplete
         self.pos = stop
-        return bytes(self.buf[start:stop])
+        buf = self.buf
+        if length > 4096 and type(buf) is bytearray:
+            with memoryview(buf) as view:  # one copy of a large field, not two
+                return bytes(view[start:stop])
+        return bytes(buf[start:stop])
 
     def bin(self) -> bytes:
         return self._bytes(self.max_payload, "payload")
@@ -559,12 +566,28 @@ class Decoder(Generic[P]):
         self._parsers = parsers
         self._reader = _Reader(max_payload, max_name)
         self._pending = bytearray()
+        self._need = 0
         self.error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for a packet that has not completely arrived yet."""
         return len(self._pending)
+
+    @property
+    def partial_need(self) -> int:
+        """Bytes the packet in progress takes in all, as far as its lengths tell so far.
+
+        At least :attr:`buffered` (one more, when only a length or a flag is missing);
+        0 with no packet in progress. A holder of many connections can count what
+        their packets are about to take before the bytes arrive.
+        """
+        return max(self._need, len(self._pending) + 1) if self._pending else 0
+
+    @property
+    def partial_opcode(self) -> int | None:
+        """The opcode of the packet in progress, if any."""
+        return self._pending[0] if self._pending else None
 
     def feed(self, data: bytes) -> list[P]:
         if self.error is not None:
@@ -578,6 +601,7 @@ class Decoder(Generic[P]):
         reader = self._reader
         reader.buf = buf
         reader.end = end = len(buf)
+        reader.need = 0
         parsers = self._parsers
         packets: list[P] = []
         start = 0
@@ -591,7 +615,7 @@ class Decoder(Generic[P]):
                 packets.append(parse(reader))
                 start = reader.pos
         except _Incomplete:
-            pass
+            self._need = reader.need - start
         except RemoteProtocolError as error:
             self.error = error
             pending.clear()

@@ -10,6 +10,10 @@ spec §16 are fixed here without changing a byte: a silent handshake only times 
 its own connection, unsubscribing an unknown topic is ignored, TUN_CLOSE for an
 unknown tunnel is answered, a late TUN_CONFIRM closes only that tunnel, an empty
 fault is still a fault.
+
+Deadlines: the handshake must arrive within ``handshake_seconds``, and after it
+every packet that has begun must be complete within ``packet_seconds`` of reading
+time (time the adapter spends not reading the connection does not count).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from irisnode.api import DEFAULT_CHUNK_LIMIT, RESERVED_PREFIX, Messaging, TunnelEnd
+from irisnode.api import DEFAULT_CHUNK_LIMIT, RESERVED_PREFIX, Messaging, TunnelEnd, is_reserved
+from irisnode.limits import LimitExceeded
 from relay import codec
 from relay.codec import (
     CLIENT_MAGIC,
@@ -44,6 +49,10 @@ from relay.codec import (
 from relay.errors import RemoteProtocolError
 
 HANDSHAKE_SECONDS = 5.0
+PACKET_SECONDS = 10.0
+PACKETS_PER_TURN = 256
+"""Packets of one connection handled per reactor turn: a client pipelining thousands of
+cheap requests gets its share, and every other client still gets a turn in between."""
 
 
 class Wire(Protocol):
@@ -83,10 +92,37 @@ class _Placeholder:
 
 _BUILDING = _Placeholder()
 
-# Broadcasts and events fan out to many sessions with the same payload object: encode
-# once and hand the same bytes to every connection.
-_last_broadcast: list[Any] = [None, b""]
-_last_event: list[Any] = [None, None, b""]
+
+class SharedEncoding:
+    """Encodes a broadcast or event once for all the sessions it fans out to.
+
+    The node delivers one payload object to every receiver in turn, so the last
+    encoding is kept (``*_key`` is the payload it encodes) and reused while the same
+    object comes back. The owner calls :meth:`forget` once the fan-out is over (the
+    relay server does, after each reactor turn's writes), so no payload outlives the
+    turn that delivered it.
+    """
+
+    __slots__ = ("broadcast_bytes", "broadcast_key", "event_bytes", "event_key", "event_topic")
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        self.broadcast_key: bytes | None = None
+        self.broadcast_bytes = b""
+        self.event_key: bytes | None = None
+        self.event_topic = ""
+        self.event_bytes = b""
+
+    def encode_broadcast(self, message: bytes) -> None:
+        self.broadcast_key = message
+        self.broadcast_bytes = b"".join((b"\x03", encode_varint(len(message)), message))
+
+    def encode_event(self, topic: str, event: bytes) -> None:
+        self.event_key = event
+        self.event_topic = topic
+        self.event_bytes = b"".join((b"\x08", encode_str(topic), encode_varint(len(event)), event))
 
 
 class RelaySession:
@@ -102,12 +138,25 @@ class RelaySession:
         max_name: int = codec.DEFAULT_MAX_NAME,
         chunk_limit: int = DEFAULT_CHUNK_LIMIT,
         handshake_seconds: float = HANDSHAKE_SECONDS,
+        packet_seconds: float = PACKET_SECONDS,
+        packets_per_turn: int = PACKETS_PER_TURN,
+        shared: SharedEncoding | None = None,
     ) -> None:
         self._messaging = messaging
         self._wire = wire
         self._decoder = codec.node_decoder(max_payload=max_payload, max_name=max_name)
         self._chunk_limit = chunk_limit
         self._handshake_deadline: float | None = now + handshake_seconds
+        self._packet_seconds = packet_seconds
+        self._packet_deadline: float | None = None
+        self._packets_per_turn = packets_per_turn
+        self.unhandled: list[Any] = []
+        """Packets that have arrived and wait for :meth:`handle_more` (this turn's share is done)."""
+        self.partial_need = 0
+        """Bytes the packet in progress takes in all, as far as known so far; 0 if none."""
+        self._shared = shared if shared is not None else SharedEncoding()
+        self.requests = 0
+        """REQUEST packets handled so far (the adapter watches it for the request budget)."""
         self.state = State.AWAITING_INIT
         self.cluster = ""
         self._tunnels: dict[int, TunnelEnd | _Placeholder] = {}
@@ -135,9 +184,32 @@ class RelaySession:
         return self.state is State.CLOSED
 
     def data_received(self, data: bytes, now: float) -> None:
-        if self.closed:
-            return
-        packets = self._decoder.feed(data)
+        """Handle what ``data`` completes: at most ``packets_per_turn`` packets now, the rest
+        when :meth:`handle_more` is called (the adapter stops reading meanwhile)."""
+        if self.closed or self._decoder.error is not None:
+            return  # a broken stream is dropped once the packets before the fault are handled
+        decoder = self._decoder
+        packets = decoder.feed(data)
+        if not decoder.buffered:
+            self._packet_deadline = None
+        elif packets or self._packet_deadline is None:
+            self._packet_deadline = now + self._packet_seconds  # a new packet has begun
+        self.partial_need = decoder.partial_need
+        if self.unhandled:
+            self.unhandled += packets
+        else:
+            self.unhandled = packets
+        self.handle_more(now)
+
+    def handle_more(self, now: float) -> None:
+        """Handle the next share of the packets that have arrived."""
+        packets = self.unhandled
+        share = self._packets_per_turn
+        if len(packets) > share:
+            self.unhandled = packets[share:]
+            packets = packets[:share]
+        else:
+            self.unhandled = []
         try:
             for packet in packets:
                 state = self.state
@@ -146,27 +218,47 @@ class RelaySession:
                 elif state is State.AWAITING_INIT:
                     self._handshake(packet)
                 else:
+                    self.unhandled = []
                     return  # whatever follows a close is ignored
-        except RemoteProtocolError as error:
+        except (RemoteProtocolError, LimitExceeded) as error:
+            self.unhandled = []
             self._drop(str(error))
             return
-        if self._decoder.error is not None and not self.closed:
-            self._drop(str(self._decoder.error))
+        if self._decoder.error is not None and not self.unhandled and not self.closed:
+            self._drop(str(self._decoder.error))  # after the good packets that came before it
+
+    @property
+    def partial_request(self) -> bool:
+        """Whether the packet in progress is a REQUEST."""
+        return self._decoder.partial_opcode == codec.OP_REQUEST
 
     def connection_lost(self) -> None:
         """The socket is gone (client hung up, or we closed it)."""
+        self.unhandled = []
         if self.state is State.OPEN:
             self._detach("connection lost")
         self.state = State.CLOSED
 
     def next_deadline(self) -> float | None:
-        return self._handshake_deadline if self.state is State.AWAITING_INIT else None
+        if self.state is State.AWAITING_INIT:
+            return self._handshake_deadline
+        return self._packet_deadline if self.state is State.OPEN else None
 
     def on_timer(self, now: float) -> None:
-        deadline = self._handshake_deadline
-        if self.state is State.AWAITING_INIT and deadline is not None and now >= deadline:
-            self.state = State.CLOSED
-            self._wire.abort("no handshake before the deadline")
+        if self.state is State.AWAITING_INIT:
+            deadline = self._handshake_deadline
+            if deadline is not None and now >= deadline:
+                self.state = State.CLOSED
+                self._wire.abort("no handshake before the deadline")
+        elif self.state is State.OPEN:
+            deadline = self._packet_deadline
+            if deadline is not None and now >= deadline:
+                self._drop(f"a packet took more than {self._packet_seconds:g} s to arrive")
+
+    def reading_resumed(self, now: float) -> None:
+        """The adapter reads the connection again after a pause: the packet deadline restarts."""
+        if self._packet_deadline is not None:
+            self._packet_deadline = now + self._packet_seconds
 
     def shut_down(self, reason: str) -> None:
         """The node is stopping: tell the client why and close after the last write."""
@@ -177,7 +269,10 @@ class RelaySession:
         self._wire.close()
 
     def resumed(self) -> None:
-        """The client caught up: let held-back tunnel data flow again."""
+        """The client caught up: let held-back requests and tunnel data flow again."""
+        if self.state is not State.OPEN:
+            return
+        self._messaging.caught_up(self)
         for end in list(self._tunnels.values()):
             if not isinstance(end, _Placeholder):
                 end.resume()
@@ -198,10 +293,12 @@ class RelaySession:
             self._wire.write(codec.Denied(reason).encode())
             self._wire.abort(f"unsupported protocol version {packet.version!r}")
             return
-        if packet.cluster.startswith(RESERVED_PREFIX):
+        if is_reserved(packet.cluster):
             self.state = State.CLOSED
             self._wire.write(
-                codec.Denied(f"cluster names starting with {RESERVED_PREFIX} are reserved").encode()
+                codec.Denied(
+                    f"cluster names starting with {RESERVED_PREFIX} are reserved for the node"
+                ).encode()
             )
             self._wire.abort(f"tried to register reserved cluster {packet.cluster!r}")
             return
@@ -239,6 +336,7 @@ class RelaySession:
     # -- C→N packets ---------------------------------------------------------------------
 
     def _on_request(self, packet: Request, now: float) -> None:
+        self.requests += 1
         self._messaging.request(
             self, packet.request_id, packet.cluster, packet.request, packet.timeout_ms, now
         )
@@ -294,6 +392,9 @@ class RelaySession:
     def _on_tunnel_close(self, packet: TunnelClose, now: float) -> None:
         end = self._tunnels.get(packet.tunnel_id)
         if end is None or isinstance(end, _Placeholder):
+            if end is not None:  # still being built: give it up, so it never opens
+                del self._tunnels[packet.tunnel_id]
+                self._messaging.cancel_tunnel(self, packet.tunnel_id)
             # Unknown (or already closed) tunnel: still answer, so a client waiting
             # for the acknowledgement never hangs.
             self._write_tunnel_closed(packet.tunnel_id, "")
@@ -309,12 +410,30 @@ class RelaySession:
     def deliver_request(self, handle: int, request: bytes, timeout_ms: int) -> None:
         if self.state is State.OPEN:
             self._wire.write(
-                b"\x04" + encode_varint(handle) + encode_bin(request) + encode_varint(timeout_ms)
+                b"".join(
+                    (
+                        b"\x04",
+                        encode_varint(handle),
+                        encode_varint(len(request)),
+                        request,
+                        encode_varint(timeout_ms),
+                    )
+                )
             )
 
     def request_replied(self, request_id: int, reply: bytes) -> None:
         if self.state is State.OPEN:
-            self._wire.write(b"\x05" + encode_varint(request_id) + b"\x00\x01" + encode_bin(reply))
+            self._wire.write(
+                b"".join(
+                    (
+                        b"\x05",
+                        encode_varint(request_id),
+                        b"\x00\x01",
+                        encode_varint(len(reply)),
+                        reply,
+                    )
+                )
+            )
 
     def request_faulted(self, request_id: int, fault: str) -> None:
         if self.state is State.OPEN:
@@ -329,21 +448,20 @@ class RelaySession:
             if self._wire.overloaded:
                 self._wire.drop_delivery("broadcast")
                 return
-            if _last_broadcast[0] is not message:
-                _last_broadcast[0] = message
-                _last_broadcast[1] = b"\x03" + encode_bin(message)
-            self._wire.write(_last_broadcast[1])
+            shared = self._shared
+            if shared.broadcast_key is not message:
+                shared.encode_broadcast(message)
+            self._wire.write(shared.broadcast_bytes)
 
     def deliver_event(self, topic: str, event: bytes) -> None:
         if self.state is State.OPEN:
             if self._wire.overloaded:
                 self._wire.drop_delivery("event")
                 return
-            if _last_event[0] is not event or _last_event[1] != topic:
-                _last_event[0] = event
-                _last_event[1] = topic
-                _last_event[2] = b"\x08" + encode_str(topic) + encode_bin(event)
-            self._wire.write(_last_event[2])
+            shared = self._shared
+            if shared.event_key is not event or shared.event_topic != topic:
+                shared.encode_event(topic, event)
+            self._wire.write(shared.event_bytes)
 
     def offer_tunnel(self, offer: int, chunk_limit: int) -> None:
         if self.state is State.OPEN:

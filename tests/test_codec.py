@@ -248,6 +248,26 @@ def test_every_truncation_waits_for_more(packet: Any) -> None:
         assert decoder.feed(wire[end:]) == [packet]
 
 
+@given(client_packets)
+def test_a_partial_packet_tells_how_large_it_is_at_least(packet: Any) -> None:
+    wire = packet.encode()
+    for end in range(1, len(wire)):
+        decoder = node_decoder()
+        decoder.feed(wire[:end])
+        assert end < decoder.partial_need <= len(wire)  # never more than the packet takes
+        assert decoder.partial_opcode == wire[0]
+    decoder = node_decoder()
+    decoder.feed(wire)
+    assert (decoder.partial_need, decoder.partial_opcode) == (0, None)
+
+
+def test_a_partial_payload_announces_its_whole_length() -> None:
+    wire = Publish("t", bytes(1 << 20)).encode()
+    decoder = node_decoder()
+    decoder.feed(wire[:10])
+    assert decoder.partial_need == len(wire)
+
+
 # -- malformed input --------------------------------------------------------------------
 
 

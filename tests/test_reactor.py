@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from typing import cast
 
 from irisnode.reactor import TurnReactor
 
@@ -50,3 +51,52 @@ def test_a_failing_call_does_not_stop_the_others() -> None:
     reactor.call_after_io(lambda: ran.append(1))
     reactor.doPoll(0)
     assert ran == [1]
+
+
+def test_an_error_in_one_connection_spares_the_rest_of_the_poll() -> None:
+    """A protocol's connectionLost that raises is logged; the turn goes on for the others."""
+    from twisted.internet.abstract import FileDescriptor
+    from twisted.logger import ILogObserver, globalLogPublisher
+
+    reactor = TurnReactor()
+    handled: list[str] = []
+    errors: list[dict[str, object]] = []
+    observer = cast(ILogObserver, errors.append)
+    pairs = [socket.socketpair() for _ in range(3)]
+
+    class Broken(FileDescriptor):
+        def __init__(self, sock: socket.socket, name: str) -> None:
+            super().__init__(reactor)
+            self.sock, self.name = sock, name
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def doRead(self) -> None:
+            handled.append(self.name)
+            if self.name == "bad":
+                reactor.call_after_io(lambda: handled.append("after io"))
+                raise RuntimeError("read failed")
+
+        def connectionLost(self, reason: object) -> None:
+            if self.name == "bad":
+                raise RuntimeError("and so did connectionLost")
+            super().connectionLost(reason)
+
+    readers = [Broken(left, name) for (left, _), name in zip(pairs, ["a", "bad", "c"], strict=True)]
+    for reader in readers:
+        reactor.addReader(reader)
+    globalLogPublisher.addObserver(observer)
+    try:
+        for _, right in pairs:
+            right.send(b"x")
+        reactor.doPoll(1.0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        for left, right in pairs:
+            left.close()
+            right.close()
+    assert sorted(handled) == ["a", "after io", "bad", "c"]
+    assert handled[-1] == "after io"  # the end-of-turn calls still ran
+    failures = [e for e in errors if e.get("log_namespace") == "irisnode.reactor"]
+    assert len(failures) == 1 and failures[0]["selectable"] is readers[1]

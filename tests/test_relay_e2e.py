@@ -7,6 +7,7 @@ from typing import Any, cast
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, globalLogPublisher
 
 from irisnode.node import Node, NodeConfig
@@ -437,3 +438,79 @@ async def test_shutdown_answers_pending_requests_and_closes_clients() -> None:
     assert await client.take(3) == [TimedOut(1), TimedOut(2), Closed("node shutting down")]
     assert await service.next() == Closed("node shutting down")
     await wait_for(lambda: client.closed and service.closed)
+
+
+# -- limits (docs/backpressure.md) --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_a_tunnel_being_built_cancels_it(node: Node) -> None:
+    client = await raw_connect(node.relay_port)
+    service = await raw_connect(node.relay_port, "tunnels")
+    client.send(TunnelInit(1, "tunnels", 1000))
+    offer = await service.next()
+    client.send(TunnelClose(1))
+    assert await client.next() == TunnelClosed(1, "")
+    service.send(TunnelConfirm(offer.build_id, 77), TunnelAllow(77, 1 << 20))
+    assert await service.next() == TunnelClosed(77, "tunnel offer expired")
+    client.send(TunnelInit(1, "tunnels", 1000))  # the id is free again, and works
+    offer = await service.next()
+    service.send(TunnelConfirm(offer.build_id, 78))
+    assert await client.next() == TunnelConfirmed(1, CHUNK)
+    assert not client.closed and not service.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_names_starting_with_a_dollar_are_the_nodes(node: Node) -> None:
+    for name in ("$", "$foo", "$NODE.status", "\uff04node.status"):
+        refused = await raw_connect(node.relay_port, None)
+        refused.send(Init(name))
+        denied = await refused.next()
+        assert isinstance(denied, Denied) and "reserved" in denied.reason
+        await refused.lost
+    client = await raw_connect(node.relay_port)
+    client.send(Request(1, "$node.nothing", b"", 60_000))
+    assert await client.next() == Faulted(1, "no node service named '$node.nothing'")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_status_requests_time_out_at_shutdown() -> None:
+    node = Node(reactor, NodeConfig(relay_port=0))
+    node.start()
+    client = await raw_connect(node.relay_port)
+    stopping: list[Deferred[None]] = []
+    request = node.broker.request
+
+    def request_then_stop(*args: Any) -> None:
+        request(*args)
+        if node.broker.counters["requests"] == 300:  # stop while answers are still queued
+            stopping.append(Deferred.fromCoroutine(node.stop()))
+
+    node.broker.request = request_then_stop  # type: ignore[method-assign,assignment]
+    client.send(*[Request(i, "$node.status", b"", 60_000) for i in range(300)])
+    await wait_for(lambda: stopping, what="the stop")
+    await stopping[0]
+    answers = await client.take(301)
+    assert answers[-1] == Closed("node shutting down")
+    kinds = {type(packet) for packet in answers[:-1]}
+    assert kinds <= {Replied, TimedOut}  # never an internal error as a fault
+    assert TimedOut in kinds
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_its_answers_is_not_read(node: Node) -> None:
+    flooder = await raw_connect(node.relay_port)
+    flooder.transport.pauseProducing()  # type: ignore[union-attr]  # stop reading
+    batch = [Request(i, "$node.status", b"", 60_000) for i in range(200)]
+    for _ in range(100):
+        flooder.send(*batch)
+    # Once the kernel's buffers are full, the answers wait in the node, and then the
+    # node stops reading the flooder instead of answering more.
+    (connection,) = await wait_for(
+        lambda: [c for c in node.relay.connections if c.congested], 20.0, "a congested client"
+    )
+    assert connection._blockers > 0
+    assert connection.backlog < 4 << 20
+    bystander = await raw_connect(node.relay_port)
+    bystander.send(Request(1, "$node.status", b"", 5000))
+    assert isinstance(await bystander.next(), Replied)  # others are served meanwhile

@@ -8,6 +8,7 @@ import pytest
 
 from irisnode.api import TUNNEL_WINDOW
 from irisnode.broker import Broker
+from irisnode.limits import MessagingLimits
 from relay import codec
 from relay.codec import (
     Accepted,
@@ -72,9 +73,9 @@ class FakeWire:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, limits: MessagingLimits | None = None) -> None:
         self.now = 1000.0
-        self.broker = Broker()
+        self.broker = Broker(limits)
 
     def connect(self, cluster: str | None = "", **options: Any) -> tuple[RelaySession, FakeWire]:
         wire = FakeWire()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from irisnode import tunnel
-from irisnode.api import DEFAULT_CHUNK_LIMIT, RESERVED_PREFIX, Endpoint, TunnelEnd
+from irisnode.api import DEFAULT_CHUNK_LIMIT, Endpoint, TunnelEnd, is_reserved
 from irisnode.broker import Broker
 from irisnode.messaging.deadlines import DeadlineHeap
 from irisnode.messaging.messages import (
@@ -153,7 +153,7 @@ class MessagingCore:
         self.broker.attach(self._remote, "")
         effects: list[object] = []
         for cluster in self.broker.clusters():
-            if not cluster.startswith(RESERVED_PREFIX) and self.broker.members(cluster):
+            if not is_reserved(cluster) and self.broker.members(cluster):
                 effects += scribe.join(
                     cluster_key(cluster), now, self.broker.capacity(cluster, now)
                 )
@@ -192,7 +192,7 @@ class MessagingCore:
         timeout_ms: int,
         now: float,
     ) -> None:
-        if self._scribe is None or timeout_ms <= 0 or cluster.startswith(RESERVED_PREFIX):
+        if self._scribe is None or timeout_ms <= 0 or is_reserved(cluster):
             self.broker.request(origin, request_id, cluster, request, timeout_ms, now)
             self._capacity_changed(cluster, now)
             return
@@ -210,7 +210,7 @@ class MessagingCore:
 
     def broadcast(self, cluster: str, message: bytes, now: float) -> None:
         self.broker.broadcast(cluster, message)
-        if self._scribe is not None and not cluster.startswith(RESERVED_PREFIX):
+        if self._scribe is not None and not is_reserved(cluster):
             payload = ClusterBroadcast(cluster, message)
             self.outbox += self._scribe.multicast(cluster_key(cluster), payload, now)
 
@@ -232,12 +232,31 @@ class MessagingCore:
     def open_tunnel(
         self, origin: Endpoint, tunnel_id: int, cluster: str, timeout_ms: int, now: float
     ) -> None:
-        if self._scribe is None or timeout_ms <= 0 or cluster.startswith(RESERVED_PREFIX):
+        if self._scribe is None or timeout_ms <= 0 or is_reserved(cluster):
             self.broker.open_tunnel(origin, tunnel_id, cluster, timeout_ms, now)
             return
         timeout = min(timeout_ms / 1000, self.broker.confirm_seconds)
         pending = self._new_pending(origin, tunnel_id, cluster, True, b"", now + timeout)
         self._send(pending, now)
+
+    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int, now: float) -> None:
+        """The origin gives up a tunnel it is still building: no outcome follows.
+
+        One sent to another node is forgotten here; if a member there accepts it
+        anyway, its end is closed when the acceptance arrives.
+        """
+        for pending in self._pending.values():
+            if pending.is_tunnel and pending.origin is origin and pending.origin_id == tunnel_id:
+                self._finish(pending)
+                return
+        self.broker.cancel_tunnel(origin, tunnel_id)
+
+    def caught_up(self, endpoint: Endpoint, now: float) -> None:
+        """The endpoint reads again: work held back for it may go now."""
+        self.broker.caught_up(endpoint)
+        cluster = self.broker.interests(endpoint)[0]
+        if cluster:
+            self._capacity_changed(cluster, now)
 
     def confirm_tunnel(
         self, member: Endpoint, offer: int, tunnel_id: int, now: float
@@ -468,7 +487,7 @@ class MessagingCore:
 
     def _membership_changed(self, cluster: str, now: float) -> None:
         scribe = self._scribe
-        if scribe is None or cluster.startswith(RESERVED_PREFIX):
+        if scribe is None or is_reserved(cluster):
             return
         key = cluster_key(cluster)
         if self.broker.members(cluster):
@@ -494,7 +513,7 @@ class MessagingCore:
 
     def _capacity_changed(self, cluster: str, now: float) -> None:
         scribe = self._scribe
-        if scribe is not None and cluster and not cluster.startswith(RESERVED_PREFIX):
+        if scribe is not None and cluster and not is_reserved(cluster):
             self.outbox += scribe.set_capacity(
                 cluster_key(cluster), self.broker.capacity(cluster, now), now
             )
@@ -524,7 +543,7 @@ class MessagingCore:
         clusters = {
             name: {"here": self.broker.members(name), "other_nodes": elsewhere(cluster_key(name))}
             for name in sorted(self.broker.clusters())
-            if not name.startswith(RESERVED_PREFIX) and self.broker.members(name)
+            if not is_reserved(name) and self.broker.members(name)
         }
         topics = {
             name: {"here": self.broker.subscribers(name), "other_nodes": elsewhere(topic_key(name))}
@@ -542,7 +561,7 @@ class MessagingCore:
         trees = {}
         if scribe is not None:
             for name in self.broker.clusters():
-                if not name.startswith(RESERVED_PREFIX):
+                if not is_reserved(name):
                     trees[f"cluster {name}"] = _tree_status(scribe, cluster_key(name))
             for name in self.broker.topics():
                 trees[f"topic {name}"] = _tree_status(scribe, topic_key(name))

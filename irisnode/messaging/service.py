@@ -86,6 +86,14 @@ class MessagingService:
         self.core.open_tunnel(origin, tunnel_id, cluster, timeout_ms, now)
         self.flush()
 
+    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int) -> None:
+        self.core.cancel_tunnel(origin, tunnel_id, self._clock.seconds())
+        self.flush()
+
+    def caught_up(self, endpoint: Endpoint) -> None:
+        self.core.caught_up(endpoint, self._clock.seconds())
+        self.flush()
+
     def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
         end = self.core.confirm_tunnel(member, offer, tunnel_id, self._clock.seconds())
         self.flush()

@@ -32,17 +32,20 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from irisnode import tunnel
-from irisnode.api import (
-    DEFAULT_CHUNK_LIMIT,
-    TUNNEL_CONFIRM_SECONDS,
-    Endpoint,
-    TunnelEnd,
-    is_reserved,
-)
+from irisnode.api import TUNNEL_CONFIRM_SECONDS, is_reserved
 from irisnode.limits import REQUEST_OVERHEAD, ByteBudget, LimitExceeded, MessagingLimits
+from relay.ports import (
+    DEFAULT_CHUNK_LIMIT,
+    Member,
+    Party,
+    Requester,
+    Subscriber,
+    TunnelEnd,
+    TunnelParty,
+)
 
 _CONGESTION_PENALTY = 1 << 30
 UNMEASURED_SERVICE = 0.01
@@ -56,8 +59,10 @@ class _Attachment:
 
     __slots__ = ("assigned", "cluster", "endpoint", "offers", "requests", "service", "topics")
 
-    def __init__(self, endpoint: Endpoint, cluster: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: Party, cluster: str) -> None:
+        self.endpoint: Any = endpoint
+        """Whatever roles it plays: the broker only calls a role's methods on the
+        endpoints it uses in that role (members, origins, subscribers, tunnel parties)."""
         self.cluster = cluster
         self.assigned: dict[int, _Request | _Offer] = {}  # unanswered work given to this member
         self.requests: dict[int, _Request] = {}  # its own requests in flight, by handle
@@ -142,9 +147,9 @@ class Broker:
         self._wake = wake
         self._chunk_limit = chunk_limit
         self._confirm_seconds = confirm_seconds
-        self._attachments: dict[Endpoint, _Attachment] = {}
+        self._attachments: dict[Party, _Attachment] = {}
         self._clusters: dict[str, _Cluster] = {}
-        self._topics: dict[str, dict[Endpoint, None]] = {}
+        self._topics: dict[str, dict[Subscriber, None]] = {}
         self._pending: dict[int, _Request | _Offer] = {}  # by handle, until answered or expired
         self._deadlines: list[tuple[float, int, _Request | _Offer]] = []
         self._next_handle = 0
@@ -160,7 +165,7 @@ class Broker:
 
     # -- attachment ------------------------------------------------------------------
 
-    def attach(self, endpoint: Endpoint, cluster: str) -> None:
+    def attach(self, endpoint: Party, cluster: str) -> None:
         if endpoint in self._attachments:
             raise ValueError("endpoint is already attached")
         attachment = _Attachment(endpoint, cluster)
@@ -170,7 +175,7 @@ class Broker:
             group.members.append(attachment)
             self._dispatch_waiting(group)
 
-    def detach(self, endpoint: Endpoint, reason: str) -> None:
+    def detach(self, endpoint: Party, reason: str) -> None:
         attachment = self._attachments.pop(endpoint, None)
         if attachment is None:
             return
@@ -189,7 +194,7 @@ class Broker:
             self._expire(item)
         for topic in attachment.topics:
             subscribers = self._topics[topic]
-            del subscribers[endpoint]
+            del subscribers[attachment.endpoint]  # it subscribed: it is a Subscriber
             if not subscribers:
                 del self._topics[topic]
 
@@ -215,7 +220,7 @@ class Broker:
         group = self._clusters.get(cluster)
         return 0 if group is None else len(group.members)
 
-    def interests(self, endpoint: Endpoint) -> tuple[str, frozenset[str]]:
+    def interests(self, endpoint: Party) -> tuple[str, frozenset[str]]:
         """The cluster ``endpoint`` is a member of (or "") and the topics it follows."""
         attachment = self._attachments.get(endpoint)
         if attachment is None:
@@ -251,7 +256,7 @@ class Broker:
 
     def request(
         self,
-        origin: Endpoint,
+        origin: Requester,
         request_id: int,
         cluster: str,
         request: bytes,
@@ -280,21 +285,21 @@ class Broker:
         self._add_deadline(now + timeout_ms / 1000.0, pending)
         self._dispatch(group, pending)
 
-    def reply(self, member: Endpoint, handle: int, reply: bytes, now: float | None = None) -> None:
+    def reply(self, member: Member, handle: int, reply: bytes, now: float | None = None) -> None:
         """``now`` (when known) times the member's service (see :meth:`capacity`)."""
         pending = self._answer(member, handle, _Request, now)
         if pending is not None:
             self.counters["replies"] += 1
             pending.origin.endpoint.request_replied(pending.request_id, reply)
 
-    def fault(self, member: Endpoint, handle: int, fault: str, now: float | None = None) -> None:
+    def fault(self, member: Member, handle: int, fault: str, now: float | None = None) -> None:
         pending = self._answer(member, handle, _Request, now)
         if pending is not None:
             self.counters["faults"] += 1
             pending.origin.endpoint.request_faulted(pending.request_id, fault)
 
     def _answer(
-        self, member: Endpoint, handle: int, kind: type[_Item], now: float | None = None
+        self, member: Party, handle: int, kind: type[_Item], now: float | None = None
     ) -> _Item | None:
         """The live item ``member`` answers, now finished; None for a late or foreign one."""
         pending = self._pending.get(handle)
@@ -329,7 +334,7 @@ class Broker:
             for member in group.members:
                 member.endpoint.deliver_broadcast(message)
 
-    def subscribe(self, endpoint: Endpoint, topic: str) -> None:
+    def subscribe(self, endpoint: Subscriber, topic: str) -> None:
         topics = self._attachments[endpoint].topics
         if topic in topics:
             return
@@ -340,7 +345,7 @@ class Broker:
         topics.add(topic)
         self._topics.setdefault(topic, {})[endpoint] = None
 
-    def unsubscribe(self, endpoint: Endpoint, topic: str) -> bool:
+    def unsubscribe(self, endpoint: Subscriber, topic: str) -> bool:
         topics = self._attachments[endpoint].topics
         if topic not in topics:
             return False
@@ -363,7 +368,7 @@ class Broker:
     # -- tunnels -----------------------------------------------------------------
 
     def open_tunnel(
-        self, origin: Endpoint, tunnel_id: int, cluster: str, timeout_ms: int, now: float
+        self, origin: TunnelParty, tunnel_id: int, cluster: str, timeout_ms: int, now: float
     ) -> None:
         group = self._clusters.get(cluster)
         if timeout_ms <= 0 or (group is None and is_reserved(cluster)):
@@ -378,13 +383,13 @@ class Broker:
         self._add_deadline(now + min(timeout_ms / 1000.0, self._confirm_seconds), offer)
         self._dispatch(group, offer)
 
-    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int) -> None:
+    def cancel_tunnel(self, origin: TunnelParty, tunnel_id: int) -> None:
         attachment = self._attachments.get(origin)
         offer = attachment.offers.get(tunnel_id) if attachment is not None else None
         if offer is not None:
             self._withdraw(offer)
 
-    def confirm_tunnel(self, member: Endpoint, offer: int, tunnel_id: int) -> TunnelEnd | None:
+    def confirm_tunnel(self, member: TunnelParty, offer: int, tunnel_id: int) -> TunnelEnd | None:
         pending = self._answer(member, offer, _Offer)
         if pending is None:
             return None
@@ -397,7 +402,7 @@ class Broker:
 
     # -- dispatch and time -----------------------------------------------------------
 
-    def caught_up(self, endpoint: Endpoint) -> None:
+    def caught_up(self, endpoint: Party) -> None:
         attachment = self._attachments.get(endpoint)
         if attachment is not None and attachment.cluster:
             group = self._clusters.get(attachment.cluster)

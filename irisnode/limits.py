@@ -8,8 +8,11 @@ config the node hands to its broker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from relay.ports import ByteBudget, LimitExceeded
+
+__all__ = ["MIB", "REQUEST_OVERHEAD", "ByteBudget", "LimitExceeded", "MessagingLimits"]
 
 MIB = 1 << 20
 
@@ -33,87 +36,3 @@ class MessagingLimits:
         for name in ("max_timeout_ms", "max_subscriptions", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-
-
-class LimitExceeded(Exception):
-    """An endpoint asked for more than a limit allows; the text says which limit, for the client."""
-
-
-class ByteBudget:
-    """Bytes the node may hold for one purpose, node-wide, shared fairly among their holders.
-
-    Holders (connections, as the endpoints that hold requests) take and give bytes.
-    Taking always succeeds, since the bytes are already in memory: a budget is
-    bookkeeping. Whether a holder may take more is :meth:`fits`; one that may not
-    stops taking (typically by no longer reading its socket) and waits (:meth:`wait`).
-
-    Fair shares: once the budget is spent, a holder still below its share (the limit
-    divided among the holders) may take up to that share from an overdraft of one more
-    budget. So one client holding the whole budget (with requests that wait a long
-    time, say) does not stop everybody else, and all holders together never hold more
-    than twice the limit.
-    """
-
-    __slots__ = ("_held", "_waiters", "limit", "used")
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("a budget must be positive")
-        self.limit = limit
-        self.used = 0
-        self._held: dict[object, int] = {}
-        self._waiters: dict[Callable[[], None], tuple[int, object]] = {}
-
-    @property
-    def spent(self) -> bool:
-        return self.used >= self.limit
-
-    @property
-    def holders(self) -> int:
-        return len(self._held)
-
-    def held(self, holder: object) -> int:
-        return self._held.get(holder, 0)
-
-    def fits(self, size: int, holder: object) -> bool:
-        """May ``holder`` hold ``size`` more? A holder alone below the limit may take one more
-        item however large (a packet may be larger than the whole budget)."""
-        held = self._held.get(holder, 0)
-        used = self.used
-        if used + size <= self.limit or (used == held and held < self.limit):
-            return True
-        holders = len(self._held) + (0 if held else 1)
-        return held + size <= self.limit // holders and used + size <= 2 * self.limit
-
-    def take(self, size: int, holder: object) -> None:
-        self.used += size
-        self._held[holder] = self._held.get(holder, 0) + size
-
-    def give(self, size: int, holder: object) -> None:
-        if not size:
-            return
-        self.used -= size
-        left = self._held[holder] - size
-        if left:
-            self._held[holder] = left
-        else:
-            del self._held[holder]
-        if self._waiters:
-            for waiter, (need, waiting) in list(self._waiters.items()):
-                if self.fits(need, waiting):
-                    del self._waiters[waiter]
-                    waiter()
-
-    def wait(self, waiter: Callable[[], None], size: int, holder: object) -> None:
-        """Call ``waiter()`` once ``holder`` may take ``size`` more (at once if it may)."""
-        if self.fits(size, holder):
-            waiter()
-        else:
-            self._waiters[waiter] = (size, holder)
-
-    def cancel(self, waiter: Callable[[], None]) -> None:
-        self._waiters.pop(waiter, None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)

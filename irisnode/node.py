@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from irisnode import __version__, system
+from irisnode.api import is_reserved
 from irisnode.broker import Broker
 from irisnode.limits import MessagingLimits
 from irisnode.messaging.core import GaveUp, MessagingCore
@@ -104,6 +105,7 @@ class Node:
             reactor,
             config.relay_limits,
             request_budget=self.broker.request_budget,
+            reserved=is_reserved,
         )
         self._services = [
             system.SystemService(self.broker, reactor, self._status_request),

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from irisnode.api import RESERVED_PREFIX, Messaging, TunnelEnd
+from irisnode.api import RESERVED_PREFIX
+
+if TYPE_CHECKING:
+    from irisnode.broker import Broker
 
 STATUS = "$node.status"
 LOOKUP = "$node.lookup"
@@ -41,12 +44,17 @@ def fault_text(error: BaseException) -> str:
 
 
 class SystemService:
-    """One reserved cluster served inside the node by an async ``handler``."""
+    """One reserved cluster served inside the node by an async ``handler``.
+
+    A member of its cluster and nothing else (:class:`relay.ports.Member`): it is
+    only ever asked requests. A broadcast to it is ignored, and a tunnel offer is
+    never accepted (the opener's tunnel times out, as for any silent member).
+    """
 
     congested = False
 
-    def __init__(self, messaging: Messaging, reactor: Any, handler: Handler) -> None:
-        self._messaging = messaging
+    def __init__(self, broker: Broker, reactor: Any, handler: Handler) -> None:
+        self._broker = broker
         self._reactor = reactor
         self._handler = handler
         self._queue: deque[tuple[int, bytes]] = deque()
@@ -73,47 +81,18 @@ class SystemService:
 
     def _answer(self, handle: int, request: bytes) -> None:
         def replied(reply: bytes) -> None:
-            self._messaging.reply(self, handle, reply)
+            self._broker.reply(self, handle, reply)
 
         def failed(failure: Any) -> None:
-            self._messaging.fault(self, handle, fault_text(failure.value))
+            self._broker.fault(self, handle, fault_text(failure.value))
 
         Deferred.fromCoroutine(self._run(request)).addCallbacks(replied, failed)
 
     async def _run(self, request: bytes) -> bytes:
         return await self._handler(request)
 
-    # A service is only ever asked requests; everything else has nothing to do.
-
-    def request_replied(self, request_id: int, reply: bytes) -> None:
-        pass
-
-    def request_faulted(self, request_id: int, fault: str) -> None:
-        pass
-
-    def request_timed_out(self, request_id: int) -> None:
-        pass
-
     def deliver_broadcast(self, message: bytes) -> None:
-        pass
-
-    def deliver_event(self, topic: str, event: bytes) -> None:
-        pass
+        pass  # nobody broadcasts to the node's own services
 
     def offer_tunnel(self, offer: int, chunk_limit: int) -> None:
-        pass  # never confirmed: the opener's TUN_CONFIRM times out, as for any silent member
-
-    def tunnel_opened(self, tunnel_id: int, tunnel: TunnelEnd, chunk_limit: int) -> None:
-        tunnel.close("not a tunnel endpoint")
-
-    def tunnel_failed(self, tunnel_id: int) -> None:
-        pass
-
-    def tunnel_transfer(self, tunnel_id: int, size_or_cont: int, chunk: bytes) -> None:
-        pass
-
-    def tunnel_allow(self, tunnel_id: int, size: int) -> None:
-        pass
-
-    def tunnel_closed(self, tunnel_id: int, reason: str) -> None:
-        pass
+        pass  # never accepted: the opener's tunnel times out

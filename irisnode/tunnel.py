@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from irisnode.api import TUNNEL_WINDOW, Endpoint
+from irisnode.api import TUNNEL_WINDOW
+from relay.ports import TunnelParty
 
 
 class TunnelHalf:
@@ -40,7 +41,7 @@ class TunnelHalf:
         "window",
     )
 
-    def __init__(self, endpoint: Endpoint, tunnel_id: int, window: int = TUNNEL_WINDOW) -> None:
+    def __init__(self, endpoint: TunnelParty, tunnel_id: int, window: int = TUNNEL_WINDOW) -> None:
         self.endpoint = endpoint
         self.tunnel_id = tunnel_id
         self.peer: TunnelHalf = self
@@ -131,7 +132,7 @@ class TunnelHalf:
 
 
 def connect(
-    origin: Endpoint, origin_id: int, member: Endpoint, member_id: int
+    origin: TunnelParty, origin_id: int, member: TunnelParty, member_id: int
 ) -> tuple[TunnelHalf, TunnelHalf]:
     """Join two endpoints with a fresh tunnel; returns (origin's half, member's half)."""
     near = TunnelHalf(origin, origin_id)

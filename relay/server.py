@@ -39,10 +39,9 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from irisnode.api import Messaging
-from irisnode.limits import MIB, ByteBudget
 from overlay.timer import DeadlineTimer
 from relay import codec
+from relay.ports import ByteBudget, Messaging
 from relay.session import (
     HANDSHAKE_SECONDS,
     PACKET_SECONDS,
@@ -54,6 +53,8 @@ from relay.session import (
 from relay.tcp import client_gone, idle_socket
 
 log = Logger(namespace="irisnode.relay")
+
+MIB = 1 << 20
 
 RESERVED_DESCRIPTORS = 128
 """Descriptors kept for everything but relay connections (listeners, links, logs)."""
@@ -154,6 +155,7 @@ class RelayConnection(Protocol):
             packet_seconds=limits.packet_seconds,
             packets_per_turn=limits.packets_per_turn,
             shared=factory.shared,
+            reserved=factory.reserved,
         )
         self._timer.wake(self.session.next_deadline())
 
@@ -431,8 +433,11 @@ class RelayFactory(ServerFactory):
         limits: RelayLimits,
         *,
         request_budget: ByteBudget | None = None,
+        reserved: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.messaging = messaging
+        self.reserved = reserved
+        """Cluster names the node keeps for itself (applications cannot register them)."""
         self.clock = clock
         self.limits = limits
         self.connections: set[RelayConnection] = set()

@@ -22,8 +22,6 @@ import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from irisnode.api import DEFAULT_CHUNK_LIMIT, RESERVED_PREFIX, Messaging, TunnelEnd, is_reserved
-from irisnode.limits import LimitExceeded
 from relay import codec
 from relay.codec import (
     CLIENT_MAGIC,
@@ -47,6 +45,7 @@ from relay.codec import (
     encode_varint,
 )
 from relay.errors import RemoteProtocolError
+from relay.ports import DEFAULT_CHUNK_LIMIT, LimitExceeded, Messaging, TunnelEnd
 
 HANDSHAKE_SECONDS = 5.0
 PACKET_SECONDS = 10.0
@@ -125,6 +124,10 @@ class SharedEncoding:
         self.event_bytes = b"".join((b"\x08", encode_str(topic), encode_varint(len(event)), event))
 
 
+def _nothing_reserved(name: str) -> bool:
+    return False
+
+
 class RelaySession:
     """One client connection as seen by the node."""
 
@@ -141,7 +144,10 @@ class RelaySession:
         packet_seconds: float = PACKET_SECONDS,
         packets_per_turn: int = PACKETS_PER_TURN,
         shared: SharedEncoding | None = None,
+        reserved: Callable[[str], bool] = _nothing_reserved,
     ) -> None:
+        self._reserved = reserved
+        """Cluster names the node keeps for itself: an INIT for one is denied."""
         self._messaging = messaging
         self._wire = wire
         self._decoder = codec.node_decoder(max_payload=max_payload, max_name=max_name)
@@ -293,11 +299,11 @@ class RelaySession:
             self._wire.write(codec.Denied(reason).encode())
             self._wire.abort(f"unsupported protocol version {packet.version!r}")
             return
-        if is_reserved(packet.cluster):
+        if self._reserved(packet.cluster):
             self.state = State.CLOSED
             self._wire.write(
                 codec.Denied(
-                    f"cluster names starting with {RESERVED_PREFIX} are reserved for the node"
+                    f"cluster name {packet.cluster[:64]!r} is reserved for the node"
                 ).encode()
             )
             self._wire.abort(f"tried to register reserved cluster {packet.cluster!r}")

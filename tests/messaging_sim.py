@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from irisnode.api import TunnelEnd
 from irisnode.broker import Broker
 from irisnode.messaging.core import MessagingCore
 from overlay.pastry import PastryConfig, PastryCore
 from overlay.scribe import ScribeConfig, ScribeCore
 from overlay.simulation import SimNetwork
 from overlay.stack import OverlayStack
+from relay.ports import TunnelEnd
 
 
 @dataclass(eq=False)

@@ -6,7 +6,8 @@ from functools import partial
 
 import pytest
 
-from irisnode.api import TUNNEL_WINDOW, TunnelEnd
+from irisnode.api import TUNNEL_WINDOW
+from relay.ports import TunnelEnd
 from tests.messaging_sim import App, MessagingSim, at_scale, echo
 
 

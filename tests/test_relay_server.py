@@ -9,6 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 
+from irisnode.api import is_reserved
 from irisnode.broker import Broker
 from irisnode.limits import MessagingLimits
 from overlay.timer import DeadlineTimer
@@ -26,6 +27,7 @@ class Harness:
             self.clock,
             RelayLimits(**limits),
             request_budget=self.broker.request_budget,
+            reserved=is_reserved,
         )
 
     def _on_timer(self, now: float) -> float | None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from irisnode.api import TUNNEL_WINDOW
+from irisnode.api import TUNNEL_WINDOW, is_reserved
 from irisnode.broker import Broker
 from irisnode.limits import MessagingLimits
 from relay import codec
@@ -79,6 +79,7 @@ class Harness:
 
     def connect(self, cluster: str | None = "", **options: Any) -> tuple[RelaySession, FakeWire]:
         wire = FakeWire()
+        options.setdefault("reserved", is_reserved)  # as the node composes it
         session = RelaySession(self.broker, wire, self.now, **options)
         if cluster is not None:
             self.send(session, Init(cluster))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from irisnode import tunnel
-from irisnode.api import DEFAULT_CHUNK_LIMIT, Endpoint, TunnelEnd, is_reserved
+from irisnode.api import is_reserved
 from irisnode.broker import Broker
 from irisnode.messaging.deadlines import DeadlineHeap
 from irisnode.messaging.messages import (
@@ -54,6 +54,15 @@ from overlay.ids import key_for
 from overlay.pastry import Address, PeerDead, Send
 from overlay.scribe import AnycastDelivered, AnycastFailed, GroupDelivered, ScribeCore
 from overlay.stack import LinkDown, Received, Upcall
+from relay.ports import (
+    DEFAULT_CHUNK_LIMIT,
+    Endpoint,
+    Member,
+    Party,
+    Subscriber,
+    TunnelEnd,
+    TunnelParty,
+)
 
 CAPACITY_REFRESH = 0.25
 """How often this node's capacities are looked at again (reports go out only on change)."""
@@ -168,12 +177,12 @@ class MessagingCore:
     # ----------------------------------------------------------------------------
     # What applications ask (through the relay), each with ``now``
 
-    def attach(self, endpoint: Endpoint, cluster: str, now: float) -> None:
+    def attach(self, endpoint: Party, cluster: str, now: float) -> None:
         self.broker.attach(endpoint, cluster)
         if cluster:
             self._membership_changed(cluster, now)
 
-    def detach(self, endpoint: Endpoint, reason: str, now: float) -> None:
+    def detach(self, endpoint: Party, reason: str, now: float) -> None:
         cluster, topics = self.broker.interests(endpoint)
         self.broker.detach(endpoint, reason)
         for pending in [p for p in self._pending.values() if p.origin is endpoint]:
@@ -200,11 +209,11 @@ class MessagingCore:
         pending = self._new_pending(origin, request_id, cluster, False, request, deadline)
         self._send(pending, now)
 
-    def reply(self, member: Endpoint, handle: int, reply: bytes, now: float) -> None:
+    def reply(self, member: Member, handle: int, reply: bytes, now: float) -> None:
         self.broker.reply(member, handle, reply, now)
         self._capacity_changed(self.broker.interests(member)[0], now)
 
-    def fault(self, member: Endpoint, handle: int, fault: str, now: float) -> None:
+    def fault(self, member: Member, handle: int, fault: str, now: float) -> None:
         self.broker.fault(member, handle, fault, now)
         self._capacity_changed(self.broker.interests(member)[0], now)
 
@@ -214,11 +223,11 @@ class MessagingCore:
             payload = ClusterBroadcast(cluster, message)
             self.outbox += self._scribe.multicast(cluster_key(cluster), payload, now)
 
-    def subscribe(self, endpoint: Endpoint, topic: str, now: float) -> None:
+    def subscribe(self, endpoint: Subscriber, topic: str, now: float) -> None:
         self.broker.subscribe(endpoint, topic)
         self._subscription_changed(topic, now)
 
-    def unsubscribe(self, endpoint: Endpoint, topic: str, now: float) -> bool:
+    def unsubscribe(self, endpoint: Subscriber, topic: str, now: float) -> bool:
         was = self.broker.unsubscribe(endpoint, topic)
         if was:
             self._subscription_changed(topic, now)
@@ -239,7 +248,7 @@ class MessagingCore:
         pending = self._new_pending(origin, tunnel_id, cluster, True, b"", now + timeout)
         self._send(pending, now)
 
-    def cancel_tunnel(self, origin: Endpoint, tunnel_id: int, now: float) -> None:
+    def cancel_tunnel(self, origin: TunnelParty, tunnel_id: int, now: float) -> None:
         """The origin gives up a tunnel it is still building: no outcome follows.
 
         One sent to another node is forgotten here; if a member there accepts it
@@ -251,7 +260,7 @@ class MessagingCore:
                 return
         self.broker.cancel_tunnel(origin, tunnel_id)
 
-    def caught_up(self, endpoint: Endpoint, now: float) -> None:
+    def caught_up(self, endpoint: Party, now: float) -> None:
         """The endpoint reads again: work held back for it may go now."""
         self.broker.caught_up(endpoint)
         cluster = self.broker.interests(endpoint)[0]
@@ -259,7 +268,7 @@ class MessagingCore:
             self._capacity_changed(cluster, now)
 
     def confirm_tunnel(
-        self, member: Endpoint, offer: int, tunnel_id: int, now: float
+        self, member: TunnelParty, offer: int, tunnel_id: int, now: float
     ) -> TunnelEnd | None:
         end = self.broker.confirm_tunnel(member, offer, tunnel_id)
         if isinstance(end, tunnel.TunnelHalf) and end.peer.endpoint is self._remote:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from irisnode.api import TunnelEnd
 from irisnode.messaging.messages import (
     ClusterFault,
     ClusterReply,
@@ -27,6 +26,7 @@ from irisnode.messaging.messages import (
     TunnelRefused,
 )
 from overlay.pastry import Address, Send
+from relay.ports import TunnelEnd
 
 MAX_FAULT = 4096
 """Fault texts longer than this are cut before they cross to another node."""
@@ -55,7 +55,9 @@ class _Tunnel:
 
 
 class RemoteParty:
-    """Every other node, as one origin and tunnel party attached to the local broker."""
+    """Every other node, as one origin and tunnel party attached to the local broker
+    (:class:`relay.ports.Requester` and :class:`relay.ports.TunnelParty`; never a member
+    or a subscriber, so it has nothing of theirs)."""
 
     congested = False
     strict_credit = True
@@ -125,7 +127,7 @@ class RemoteParty:
         for local_id in self.tunnels_with(node):
             self.ended(local_id, reason)
 
-    # -- Endpoint: what the broker tells the origin -------------------------------------------
+    # -- Requester and TunnelParty: what the broker tells the origin -------------------------
 
     def _send(self, node: int, address: Address, message: object) -> None:
         self._outbox.append(Send(node, address, message))
@@ -176,17 +178,3 @@ class RemoteParty:
         entry = self._tunnels.pop(tunnel_id, None)
         if entry is not None:
             self._send(entry.node, entry.address, TunnelEnded(entry.peer, reason))
-
-    # Never a member of any cluster, never a subscriber: nothing is delivered to it as one.
-
-    def deliver_request(self, handle: int, request: bytes, timeout_ms: int) -> None:
-        raise AssertionError("RemoteParty is not a cluster member")
-
-    def deliver_broadcast(self, message: bytes) -> None:
-        raise AssertionError("RemoteParty is not a cluster member")
-
-    def deliver_event(self, topic: str, event: bytes) -> None:
-        raise AssertionError("RemoteParty is not a subscriber")
-
-    def offer_tunnel(self, offer: int, chunk_limit: int) -> None:
-        raise AssertionError("RemoteParty is not a cluster member")

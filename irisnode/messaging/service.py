@@ -1,6 +1,6 @@
 """The relay's view of messaging: :class:`MessagingService`, on the pure messaging core.
 
-It implements :class:`irisnode.api.Messaging` for the relay: it reads the clock
+It implements :class:`relay.ports.Messaging` for the relay: it reads the clock
 for each call, hands the call to :class:`~irisnode.messaging.core.MessagingCore`,
 and carries out what the core leaves in its outbox through the overlay (once
 there is one; a node without an overlay never produces any).
@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
-from irisnode.api import Endpoint, TunnelEnd
 from irisnode.messaging.core import MessagingCore
+from relay.ports import Endpoint, TunnelEnd
 
 
 class MessagingService:
-    """:class:`irisnode.api.Messaging` for the relay, backed by a messaging core."""
+    """:class:`relay.ports.Messaging` for the relay, backed by a messaging core."""
 
     def __init__(self, core: MessagingCore, clock: IReactorTime) -> None:
         self.core = core

@@ -25,15 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 Status = Mapping[str, Any]
 
-WAITING_FOR_COUNTERS = (
-    "irisnode_broadcasts_total",
-    "irisnode_events_total",
-    "irisnode_tunnel_bytes_total",
-    "irisnode_messages_given_up_total (reasons other than backlog)",
-    "irisnode_link_bytes_total",
-    "irisnode_link_handshake_failures_total",
-    "irisnode_overlay_groups",
-)
+WAITING_FOR_COUNTERS = ("irisnode_tunnel_bytes_total",)
 """Metrics the issue asks for whose counters the node does not keep yet (docs/metrics.md)."""
 
 BROKER_COUNTERS = (
@@ -42,6 +34,18 @@ BROKER_COUNTERS = (
     ("faults", "irisnode_faults_total", "Requests answered with a fault."),
     ("timeouts", "irisnode_request_timeouts_total", "Requests that got no answer in time."),
     ("late", "irisnode_late_answers_total", "Answers that came after their request ended."),
+    ("broadcasts", "irisnode_broadcasts_total", "Broadcasts sent by applications on this node."),
+    ("events", "irisnode_events_total", "Events published by applications on this node."),
+    (
+        "broadcasts_from_other_nodes",
+        "irisnode_broadcasts_received_total",
+        "Broadcasts from other nodes delivered to members here.",
+    ),
+    (
+        "events_from_other_nodes",
+        "irisnode_events_received_total",
+        "Events from other nodes delivered to subscribers here.",
+    ),
 )
 """``status["messaging"]`` key, metric name, help: one row per broker counter."""
 
@@ -74,13 +78,21 @@ def families(status: Status) -> list[Metric]:
         info,
         _gauge("irisnode_uptime_seconds", "Seconds since the node started.", status["uptime"]),
     ]
-    result += _relay(status["relay"])
+    result += _relay(status["relay"], status)
     messaging = status.get("messaging", {})
     result += [
         _counter(name, documentation, messaging[key])
         for key, name, documentation in BROKER_COUNTERS
         if key in messaging
     ]
+    trees = messaging.get("trees")
+    if trees is not None:
+        yield_trees = _gauge(
+            "irisnode_overlay_groups",
+            "Scribe trees (clusters and topics) this node is in.",
+            len(trees),
+        )
+        result.append(yield_trees)
     groups = status.get("groups")
     if groups is not None:
         result.append(
@@ -98,7 +110,7 @@ def families(status: Status) -> list[Metric]:
     return result
 
 
-def _relay(relay: Status) -> Iterator[Metric]:
+def _relay(relay: Status, status: Status) -> Iterator[Metric]:
     yield _gauge(
         "irisnode_relay_connections", "Open relay connections (applications).", relay["connections"]
     )
@@ -138,6 +150,15 @@ def _relay(relay: Status) -> Iterator[Metric]:
         labels=["reason"],
     )
     given_up.add_metric(["backlog"], relay["dropped_deliveries"])
+    messaging = status.get("messaging") or {}
+    for reason, count in (messaging.get("given_up") or {}).items():
+        given_up.add_metric([f"request: {reason}"], count)
+    for reason, count in (messaging.get("scribe") or {}).items():
+        if reason != "redirects":
+            given_up.add_metric([f"tree: {reason}"], count)
+    links = (status.get("overlay") or {}).get("links") or {}
+    for reason, count in (links.get("given_up") or {}).items():
+        given_up.add_metric([f"link: {reason}"], count)
     yield given_up
 
 
@@ -161,6 +182,19 @@ def _overlay(overlay: Status) -> Iterator[Metric]:
         "Entries in the Pastry routing table.",
         overlay["routing_table"]["entries"],
     )
+    links = overlay.get("links")
+    if links is not None:
+        sent = CounterMetricFamily(
+            "irisnode_link_bytes_total", "Bytes on links to other nodes.", labels=["direction"]
+        )
+        sent.add_metric(["sent"], links["bytes_sent"])
+        sent.add_metric(["received"], links["bytes_received"])
+        yield sent
+        yield _counter(
+            "irisnode_link_handshakes_refused_total",
+            "Inbound link handshakes refused by the per-address rate limit.",
+            links["handshakes_refused"],
+        )
     discovery = overlay.get("discovery")
     if discovery is not None:
         yield from _discovery(discovery)

@@ -149,6 +149,10 @@ class MessagingCore:
             "remote_timeouts": 0,
             "retries": 0,
             "late_answers": 0,
+            "broadcasts": 0,
+            "events": 0,
+            "broadcasts_from_other_nodes": 0,
+            "events_from_other_nodes": 0,
         }
 
     # ----------------------------------------------------------------------------
@@ -218,6 +222,7 @@ class MessagingCore:
         self._capacity_changed(self.broker.interests(member)[0], now)
 
     def broadcast(self, cluster: str, message: bytes, now: float) -> None:
+        self.counters["broadcasts"] += 1
         self.broker.broadcast(cluster, message)
         if self._scribe is not None and not is_reserved(cluster):
             payload = ClusterBroadcast(cluster, message)
@@ -234,6 +239,7 @@ class MessagingCore:
         return was
 
     def publish(self, topic: str, event: bytes, now: float) -> None:
+        self.counters["events"] += 1
         self.broker.publish(topic, event)
         if self._scribe is not None:
             self.outbox += self._scribe.multicast(topic_key(topic), TopicEvent(topic, event), now)
@@ -300,8 +306,10 @@ class MessagingCore:
             if effect.origin != self.node_id:  # our own went to local members at once
                 payload = effect.payload
                 if isinstance(payload, ClusterBroadcast):
+                    self.counters["broadcasts_from_other_nodes"] += 1
                     self.broker.broadcast(payload.cluster, payload.data)
                 elif isinstance(payload, TopicEvent):
+                    self.counters["events_from_other_nodes"] += 1
                     self.broker.publish(payload.topic, payload.data)
         elif kind is AnycastFailed:
             assert isinstance(effect, AnycastFailed)

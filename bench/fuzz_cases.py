@@ -207,8 +207,8 @@ class LinkCases:
     """Plaintexts of link frames: node-to-node messages, valid, mutated or garbage.
 
     Valid messages are built from the wire registry's own field descriptions, so every
-    registered family (Pastry today; Scribe and messaging once they register) is covered
-    without this file knowing it.
+    registered family (Pastry, lookups, Scribe, messaging), nested messages included, is
+    covered without this file knowing it.
     """
 
     def __init__(self, rng: random.Random, registry: Any) -> None:
@@ -229,7 +229,7 @@ class LinkCases:
         kind, make = self.rng.choice(self.kinds)
         return kind, make()
 
-    def _raw(self, field: Any) -> object:
+    def _raw(self, field: Any, depth: int = 0) -> object:
         """A raw msgpack value that ``field`` should accept (by its type's name)."""
         rng = self.rng
         name = type(field).__name__
@@ -249,11 +249,24 @@ class LinkCases:
                 [rng.randbytes(16), f"127.0.0.1:{rng.randint(1, 9)}".encode()]
                 for _ in range(rng.randrange(4))
             ]
+        if name == "Float":
+            return rng.choice((0.0, 1.0, rng.random() * 1e6))
+        if name == "Text":
+            return rng.randbytes(rng.randrange(min(field.max_len, 32) + 1))
+        if name == "Struct":
+            return [self._raw(inner) for inner in field.fields]
+        if name == "ListOf":
+            return [self._raw(field.item) for _ in range(rng.randrange(4))]
+        if name == "_Nested":  # a routed or multicast message carries another message
+            return self._body(depth - 1) if depth > 0 else self._garbage_value(1)
         return self._garbage_value(2)
 
-    def _message(self) -> list[object]:
+    def _body(self, depth: int) -> list[object]:
         entry = self.rng.choice(self.entries)
-        return [1, entry.tag, *(self._raw(field) for field in entry.fields)]
+        return [entry.tag, *(self._raw(field, depth) for field in entry.fields)]
+
+    def _message(self) -> list[object]:
+        return [1, *self._body(3)]
 
     def _garbage_value(self, depth: int) -> object:
         rng = self.rng

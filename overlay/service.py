@@ -332,7 +332,8 @@ class OverlayService:
         try:
             port, hosts = decode_address(address)
         except ValueError:
-            log.warn(
+            # A peer's word, not ours: at debug, or any peer could fill the log.
+            log.debug(
                 "cannot dial {peer}: bad address {address!r}", peer=format_id(peer), address=address
             )
             return None

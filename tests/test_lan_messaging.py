@@ -313,21 +313,7 @@ def test_a_receiver_that_stops_reading_stalls_the_sender_with_bounded_memory(net
     pids = {n: lan.nodes[n].pid for n in (sender_node, receiver_node)}
     rss_before = {n: rss(pid) for n, pid in pids.items()}
     try:
-        sender.send(codec.TunnelInit(1, cluster, 5000).encode())
-        [offer] = take(receiver, 1)
-        assert isinstance(offer, codec.TunnelOffered)
-        receiver.send_packets(
-            [codec.TunnelConfirm(offer.build_id, 7), codec.TunnelAllow(7, 64 << 20)]
-        )
-        credit, chunk_limit = 0, 0
-        sender.sock.settimeout(10)
-        while not chunk_limit:
-            for packet in sender.recv():
-                if isinstance(packet, codec.TunnelConfirmed):
-                    chunk_limit = packet.chunk_limit
-                elif isinstance(packet, codec.TunnelAllow):
-                    credit += packet.size
-        sender.send(codec.TunnelAllow(1, 64 << 20).encode())
+        credit, chunk_limit = open_raw_tunnel(sender, receiver, cluster)
         total_messages = 1024  # 64 MiB in chunk-sized messages: more than can be buffered
         messages = (pattern(chunk_limit, seed=n) for n in range(total_messages))
         sent = 0
@@ -373,6 +359,86 @@ def test_a_receiver_that_stops_reading_stalls_the_sender_with_bounded_memory(net
                     assert packet == codec.TunnelClosed(7, ""), packet
                     closed = True
         assert len(received) == sent
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def open_raw_tunnel(sender: Wire, receiver: Wire, cluster: str) -> tuple[int, int]:
+    """Open tunnel 1 from ``sender`` to member ``receiver`` (which names it 7 and grants
+    64 MiB, as the Go binding does); (the sender's initial credit, the chunk limit)."""
+    sender.send(codec.TunnelInit(1, cluster, 5000).encode())
+    [offer] = take(receiver, 1)
+    assert isinstance(offer, codec.TunnelOffered)
+    receiver.send_packets([codec.TunnelConfirm(offer.build_id, 7), codec.TunnelAllow(7, 64 << 20)])
+    credit, chunk_limit = 0, 0
+    sender.sock.settimeout(10)
+    while not chunk_limit:
+        for packet in sender.recv():
+            if isinstance(packet, codec.TunnelConfirmed):
+                chunk_limit = packet.chunk_limit
+            elif isinstance(packet, codec.TunnelAllow):
+                credit += packet.size
+    sender.send(codec.TunnelAllow(1, 64 << 20).encode())
+    return credit, chunk_limit
+
+
+@pytest.mark.xfail(
+    reason="main's link (overlay/link_twisted.py) fails with send-buffer-overflow once 16 MiB"
+    " were written while the transport stayed paused, however little is buffered; the"
+    " link-layer rewrite (not merged yet) pulls from a bounded queue instead",
+    strict=False,
+)
+def test_a_tunnel_at_full_speed_keeps_its_link(net: Net) -> None:
+    """48 MiB through a tunnel between two nodes as fast as credit allows, the receiver
+    reading at once: all of it arrives in order and the tunnel stays open."""
+    lan = net.lan
+    cluster = net.unique("bulk")
+    receiver = raw_wire(lan, 2, cluster)
+    sender = raw_wire(lan, 0)
+    wait_in_tree(lan, [2], "clusters", cluster)
+    total = 768  # messages of one chunk each: 48 MiB, three times the link's paused-write bound
+    received: list[int] = []
+    problems: list[object] = []
+
+    def read() -> None:
+        receiver.sock.settimeout(10)
+        try:
+            while len(received) < total:
+                for packet in receiver.recv():
+                    if isinstance(packet, codec.TunnelTransfer):
+                        if packet.chunk != pattern(len(packet.chunk), seed=len(received) % 7):
+                            problems.append(f"message {len(received)} differs")
+                        received.append(len(packet.chunk))
+                    elif isinstance(packet, codec.TunnelClosed):
+                        problems.append(packet)
+                        return
+        except (RelayError, OSError) as error:
+            problems.append(error)
+
+    try:
+        credit, chunk_limit = open_raw_tunnel(sender, receiver, cluster)
+        frames = [
+            codec.TunnelTransfer(1, chunk_limit, pattern(chunk_limit, seed=n)).encode()
+            for n in range(7)
+        ]
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        sent = 0
+        sender.sock.settimeout(10)
+        while sent < total and not problems:
+            while credit >= chunk_limit and sent < total:
+                sender.send(frames[sent % 7])
+                credit -= chunk_limit
+                sent += 1
+            for packet in sender.recv() if sent < total else ():
+                if isinstance(packet, codec.TunnelAllow):
+                    credit += packet.size
+                elif isinstance(packet, codec.TunnelClosed):
+                    problems.append(f"sender's tunnel closed: {packet.reason!r}")
+        reader.join(30)
+        assert not problems, problems
+        assert len(received) == total
     finally:
         sender.close()
         receiver.close()

@@ -275,7 +275,7 @@ def scenario_rows(records: Sequence[Record]) -> str:
     rows = []
     for record in records:
         if record.get("error"):
-            rows.append([record["name"], "FAILED: " + record["error"], "", "", "", "", "", ""])
+            rows.append([record["name"], "FAILED (below)", "", "", "", "", "", ""])
             continue
         client = record.get("other_nodes", {}).get("client", {})
         per_mb = record["unit"] == "MB/s"
@@ -292,7 +292,8 @@ def scenario_rows(records: Sequence[Record]) -> str:
             ]
         )
     header = ["scenario", "throughput", "p50", "p99", "A CPU/op", "A busy", "B CPU/op", "B busy"]
-    return render_table(header, rows)
+    failures = [f"{r['name']} failed: {r['error']}" for r in records if r.get("error")]
+    return "\n".join([render_table(header, rows), *failures])
 
 
 def _cpu(value: float | None, per_mb: bool) -> str:

@@ -201,11 +201,12 @@ def groups_reachable(lan: Any) -> None:
     from tests.lan import wait_until
 
     def attached() -> bool:
-        messaging = lan.status(SERVICE)["messaging"]
-        for kind, count in (("clusters", "local_members"), ("topics", "local_subscribers")):
-            for entry in messaging[kind].values():
-                tree = entry.get("tree")
-                if entry.get(count) and not (tree and (tree["root"] or tree["parent"])):
+        state = lan.status(SERVICE)
+        trees = state["messaging"]["trees"]
+        for kind in ("cluster", "topic"):
+            for name, entry in state["groups"][f"{kind}s"].items():
+                tree = trees.get(f"{kind} {name}")
+                if entry["here"] and not (tree and (tree["root"] or tree["parent"])):
                     return False
         return True
 

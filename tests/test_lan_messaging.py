@@ -87,9 +87,8 @@ def net() -> Iterator[Net]:
 
 
 def in_tree(state: dict[str, Any], kind: str, name: str) -> bool:
-    """The node is attached to the tree of cluster (``kind="clusters"``) or topic ``name``."""
-    entry = state["messaging"][kind].get(name)
-    tree = entry and entry.get("tree")
+    """The node is attached to the tree of ``kind`` ("cluster" or "topic") ``name``."""
+    tree = state["messaging"]["trees"].get(f"{kind} {name}")
     return bool(tree and (tree["root"] or tree["parent"]))
 
 
@@ -100,7 +99,7 @@ def wait_in_tree(lan: Lan, nodes: list[int], kind: str, name: str, timeout: floa
     def joined() -> bool:
         return all(in_tree(s, kind, name) for s in lan.statuses(nodes).values())
 
-    wait_until(joined, timeout, f"nodes {nodes} to join the tree of {kind[:-1]} {name!r}")
+    wait_until(joined, timeout, f"nodes {nodes} to join the tree of {kind} {name!r}")
 
 
 def take(wire: Wire, count: int, timeout: float = 10.0) -> list[Any]:
@@ -180,8 +179,8 @@ def test_bindings_request_a_service_on_every_other_node(net: Net) -> None:
     big = pattern(768 * 1024, seed=7)  # under the 1 MiB a link carries until fragmentation
     assert apps[4].request("client4", clusters[1], big, timeout=10.0) == {"reply": b"svc1:" + big}
     for i, state in lan.statuses(list(range(NODES))).items():
-        entry = state["messaging"]["clusters"][clusters[i]]
-        assert entry["local_members"] == 1 and in_tree(state, "clusters", clusters[i])
+        assert state["groups"]["clusters"][clusters[i]]["here"] == 1
+        assert in_tree(state, "cluster", clusters[i])
         assert state["messaging"]["remote_requests"] >= NODES - 1, i
 
 
@@ -193,8 +192,16 @@ def test_bindings_broadcast_and_publish_reach_everyone_once_in_order(net: Net) -
         app.serve(f"member{i}", cluster)
         app.connect(f"sub{i}")
         app.call("subscribe", name=f"sub{i}", topic=topic)
-    wait_in_tree(lan, everyone, "clusters", cluster)
-    wait_in_tree(lan, everyone, "topics", topic)
+    wait_in_tree(lan, everyone, "cluster", cluster)
+    wait_in_tree(lan, everyone, "topic", topic)
+
+    def every_node_sees_the_others() -> bool:
+        states = lan.statuses(everyone).values()
+        groups = [s["groups"][kind][name] for s in states for kind, name in kinds]
+        return all(g == {"here": 1, "other_nodes": NODES - 1} for g in groups)
+
+    kinds = (("clusters", cluster), ("topics", topic))
+    wait_until(every_node_sees_the_others, 10, "every node's status to count 4 other member nodes")
     count = 20
     sent = {i: [b"%d:%d" % (i, k) for k in range(count)] + [b"%d:end" % i] for i in everyone}
     for i, app in enumerate(apps):  # each member broadcasts, each subscriber publishes
@@ -232,8 +239,12 @@ def trees(lan: Lan, *names: str) -> dict[int, list[Any]]:
     """Each node's tree entries for these clusters and topics (for failure messages)."""
     found: dict[int, list[Any]] = {}
     for i, state in lan.statuses(lan.running()).items():
-        groups = {**state["messaging"]["clusters"], **state["messaging"]["topics"]}
-        found[i] = [state["overlay"]["node_id"][:8]] + [groups.get(n) for n in names]
+        groups = {**state["groups"]["clusters"], **state["groups"]["topics"]}
+        trees = state["messaging"]["trees"]
+        found[i] = [state["overlay"]["node_id"][:8], state["messaging"].get("scribe")]
+        found[i] += [
+            (groups.get(n), trees.get(f"cluster {n}") or trees.get(f"topic {n}")) for n in names
+        ]
     return found
 
 
@@ -269,8 +280,8 @@ def test_raw_packets_every_scheme_across_nodes(net: Net) -> None:
     try:
         for sub in subscribers:
             sub.send(codec.Subscribe(topic).encode())
-        wait_in_tree(lan, [2, 4], "clusters", cluster)
-        wait_in_tree(lan, [1, 3], "topics", topic)
+        wait_in_tree(lan, [2, 4], "cluster", cluster)
+        wait_in_tree(lan, [1, 3], "topic", topic)
         # Broadcasts first, while the members do not read yet: each gets each once, in order.
         messages = [b"b%d" % k for k in range(10)]
         client.send_packets([codec.Broadcast(cluster, m) for m in messages])
@@ -309,7 +320,7 @@ def test_a_receiver_that_stops_reading_stalls_the_sender_with_bounded_memory(net
     sender_node, receiver_node = 1, 3
     receiver = raw_wire(lan, receiver_node, cluster)
     sender = raw_wire(lan, sender_node)
-    wait_in_tree(lan, [receiver_node], "clusters", cluster)
+    wait_in_tree(lan, [receiver_node], "cluster", cluster)
     pids = {n: lan.nodes[n].pid for n in (sender_node, receiver_node)}
     rss_before = {n: rss(pid) for n, pid in pids.items()}
     try:
@@ -396,7 +407,7 @@ def test_a_tunnel_at_full_speed_keeps_its_link(net: Net) -> None:
     cluster = net.unique("bulk")
     receiver = raw_wire(lan, 2, cluster)
     sender = raw_wire(lan, 0)
-    wait_in_tree(lan, [2], "clusters", cluster)
+    wait_in_tree(lan, [2], "cluster", cluster)
     total = 768  # messages of one chunk each: 48 MiB, three times the link's paused-write bound
     received: list[int] = []
     problems: list[object] = []
@@ -499,7 +510,7 @@ def test_sigkill_of_a_member_node_under_load(net: Net) -> None:
     cluster = net.unique("kill-work")
     victim = 4
     members = [RawMember(lan, 3, cluster, "three"), RawMember(lan, victim, cluster, "four")]
-    wait_in_tree(lan, [3, victim], "clusters", cluster)
+    wait_in_tree(lan, [3, victim], "cluster", cluster)
     requesters = [raw_wire(lan, i) for i in (0, 1)]
     counters_before = {i: lan.status(i)["messaging"]["remote_timeouts"] for i in (0, 1)}
     timeout_ms = 1000

@@ -455,6 +455,26 @@ def test_a_tunnel_at_full_speed_keeps_its_link(net: Net) -> None:
         receiver.close()
 
 
+def test_the_benchmark_across_nodes_runs_on_this_lan(net: Net) -> None:
+    """``bench/lan_messaging.py``'s plumbing, with tiny windows on nodes 0 (services)
+    and 1 (loads): figures of both nodes, and a new member probed from the other node.
+    (A smoke test, not a measurement: ``python -m bench.lan_messaging`` measures.)"""
+    from bench import lan_messaging
+
+    records = lan_messaging.run_scenarios(net.lan, "rr-c8-16B-s1,bcast-m4", 0.3, 0.1)
+    assert [r["name"] for r in records] == ["rr-c8-16B-s1", "bcast-m4"]
+    for record in records:
+        assert record["error"] is None, record["error"]
+        assert record["node_cpu_s"] >= 0 and record["other_nodes"]["client"]["cpu_s"] >= 0
+    request, broadcast = records
+    assert request["ops_per_s"] > 0 and request["detail"]["errors"] == 0
+    assert 0 < request["p50_us"] <= request["p99_us"]
+    assert broadcast["detail"]["delivered_in_run"] > 0
+    assert "B CPU/op" in lan_messaging.scenario_rows(records)
+    first = lan_messaging.first_request(net.lan, net.unique("fresh"))
+    assert 0 <= first["delivered_after_accepted_s"] <= first["replied_after_accepted_s"] < 5
+
+
 # -- failure: runs last, it kills a node -------------------------------------------------------
 
 

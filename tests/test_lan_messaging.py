@@ -525,12 +525,27 @@ def closed_loop(wire: Wire, cluster: str, slots: int, stop_at: float, timeout_ms
 def test_sigkill_of_a_member_node_under_load(net: Net) -> None:
     """Members of one cluster on nodes 3 and 4, requests from nodes 0 and 1; node 4 is
     SIGKILLed under load. Every request ends in exactly one outcome, on time, and
-    requests stop going to the dead node within the detection bound."""
+    requests stop going to the dead node within the detection bound. A tunnel from
+    node 0 to a member on node 4 closes with a reason within that bound too."""
     lan = net.lan
-    cluster = net.unique("kill-work")
+    cluster, pipe = net.unique("kill-work"), net.unique("kill-pipe")
     victim = 4
     members = [RawMember(lan, 3, cluster, "three"), RawMember(lan, victim, cluster, "four")]
+    pipe_member, pipe_client = raw_wire(lan, victim, pipe), raw_wire(lan, 0)
     wait_in_tree(lan, [3, victim], "cluster", cluster)
+    wait_in_tree(lan, [victim], "cluster", pipe)
+    open_raw_tunnel(pipe_client, pipe_member, pipe)
+    tunnel_closed: list[tuple[float, Any]] = []
+
+    def watch_tunnel() -> None:
+        pipe_client.sock.settimeout(DETECTION_BOUND + 15)
+        while not tunnel_closed:
+            for packet in pipe_client.recv():
+                if isinstance(packet, codec.TunnelClosed):
+                    tunnel_closed.append((time.monotonic(), packet))
+
+    watcher = threading.Thread(target=watch_tunnel, daemon=True)
+    watcher.start()
     requesters = [raw_wire(lan, i) for i in (0, 1)]
     counters_before = {i: lan.status(i)["messaging"]["remote_timeouts"] for i in (0, 1)}
     timeout_ms = 1000
@@ -587,7 +602,17 @@ def test_sigkill_of_a_member_node_under_load(net: Net) -> None:
             i: lan.status(i)["messaging"]["remote_timeouts"] - counters_before[i] for i in (0, 1)
         }
         assert sum(counted.values()) == timeouts, (counted, timeouts)
+        watcher.join(5)
+        assert tunnel_closed, "the tunnel to the dead node never closed"
+        closed_at, closed = tunnel_closed[0]
+        print(
+            f"the tunnel to it closed {closed_at - killed:.2f} s after the kill: {closed.reason!r}"
+        )
+        assert closed.tunnel_id == 1 and closed.reason, closed
+        assert closed_at - killed <= DETECTION_BOUND + 1.0
     finally:
+        pipe_client.close()
+        pipe_member.close()
         for member in members:
             member.stop()
         for wire in requesters:

@@ -80,6 +80,15 @@ class Apps:
             answer["reply"] = _unb64(answer["reply"])
         return answer
 
+    def broadcast(self, name: str, cluster: str, messages: list[bytes]) -> None:
+        self.call("broadcast", name=name, cluster=cluster, messages=[_b64(m) for m in messages])
+
+    def subscribe(self, name: str, topic: str) -> None:
+        self.call("subscribe", name=name, topic=topic)
+
+    def publish(self, name: str, topic: str, events: list[bytes]) -> None:
+        self.call("publish", name=name, topic=topic, events=[_b64(e) for e in events])
+
     def received(self, name: str, topic: str | None = None) -> list[bytes]:
         """Broadcasts a service ``name`` got, or events of ``topic`` its connection got, in order."""
         return [_unb64(m) for m in self.call("received", name=name, topic=topic)["messages"]]

@@ -70,7 +70,8 @@ def net() -> Iterator[Net]:
         lan.wait_all_ready(timeout=30)
         apps = [Apps(lan, i) for i in range(NODES)]  # they start while the nodes converge
         lan.start_agents()
-        keys = [random.Random(3).getrandbits(128) for _ in range(10)]
+        rng = random.Random(3)
+        keys = [rng.getrandbits(128) for _ in range(10)]
         lan.wait_converged(range(NODES), keys, 30)
         for app in apps:
             app.call("connect", name="ping")  # up and importing done
@@ -191,7 +192,7 @@ def test_bindings_broadcast_and_publish_reach_everyone_once_in_order(net: Net) -
     for i, app in enumerate(apps):
         app.serve(f"member{i}", cluster)
         app.connect(f"sub{i}")
-        app.call("subscribe", name=f"sub{i}", topic=topic)
+        app.subscribe(f"sub{i}", topic)
     wait_in_tree(lan, everyone, "cluster", cluster)
     wait_in_tree(lan, everyone, "topic", topic)
 
@@ -205,8 +206,8 @@ def test_bindings_broadcast_and_publish_reach_everyone_once_in_order(net: Net) -
     count = 20
     sent = {i: [b"%d:%d" % (i, k) for k in range(count)] + [b"%d:end" % i] for i in everyone}
     for i, app in enumerate(apps):  # each member broadcasts, each subscriber publishes
-        app.call("broadcast", name=f"member{i}", cluster=cluster, messages=_b64s(sent[i]))
-        app.call("publish", name=f"sub{i}", topic=topic, events=_b64s(sent[i]))
+        app.broadcast(f"member{i}", cluster, sent[i])
+        app.publish(f"sub{i}", topic, sent[i])
     total = NODES * (count + 1)
     for i, app in enumerate(apps):
         for name, on in ((f"member{i}", None), (f"sub{i}", topic)):
@@ -246,12 +247,6 @@ def trees(lan: Lan, *names: str) -> dict[int, list[Any]]:
             (groups.get(n), trees.get(f"cluster {n}") or trees.get(f"topic {n}")) for n in names
         ]
     return found
-
-
-def _b64s(messages: list[bytes]) -> list[str]:
-    import base64
-
-    return [base64.b64encode(m).decode() for m in messages]
 
 
 def test_bindings_tunnel_carries_10_mib_each_way(net: Net) -> None:
@@ -469,7 +464,9 @@ def test_the_benchmark_across_nodes_runs_on_this_lan(net: Net) -> None:
     request, broadcast = records
     assert request["ops_per_s"] > 0 and request["detail"]["errors"] == 0
     assert 0 < request["p50_us"] <= request["p99_us"]
-    assert broadcast["detail"]["delivered_in_run"] > 0
+    # Broadcasts are not counted: a flood's deliveries can trail a 0.3 s window by more
+    # than the sinks' 1 s drain (docs/benchmarks.md, "Broadcast and publish").
+    assert broadcast["detail"]["only_expected_frames"]
     assert "B CPU/op" in lan_messaging.scenario_rows(records)
     first = lan_messaging.first_request(net.lan, net.unique("fresh"))
     assert 0 <= first["delivered_after_accepted_s"] <= first["replied_after_accepted_s"] < 5

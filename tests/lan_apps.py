@@ -5,7 +5,10 @@ uses them:
 
 * :func:`raw_wire`: a relay connection made inside the namespace from the test
   process (``bench.relay_wire.Wire``: plain sockets and ``relay.codec``), so the
-  test writes and reads exactly the bytes of the protocol;
+  test writes and reads exactly the bytes of the protocol; :func:`take` reads
+  packets, :class:`RawMember` answers requests in a thread, :func:`open_raw_tunnel`
+  sets a tunnel up, :func:`closed_loop` keeps requests in flight and records every
+  answer each one gets;
 * :class:`Apps`: an agent process in the namespace (``python -m tests.lan_apps
   PORT``) that runs applications written with the blocking bindings
   (``relay.client.blocking``) and does what the test asks of them, one JSON line
@@ -20,12 +23,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import select
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from bench.relay_wire import Wire
+from bench.relay_wire import RelayError, Wire
+from relay import codec
 from tests.lan import Lan, in_netns
 
 Answer = dict[str, Any]
@@ -100,6 +106,123 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+# -- raw applications (in this process, in a namespace) -------------------------------------
+
+
+def take(wire: Wire, count: int, timeout: float = 10.0) -> list[Any]:
+    """The next ``count`` packets from ``wire`` (AssertionError after ``timeout``)."""
+    packets: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(packets) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"got {len(packets)} of {count} packets: {packets[:5]}")
+        wire.sock.settimeout(left)
+        try:
+            packets += wire.recv()
+        except TimeoutError:
+            continue
+    assert len(packets) == count, f"more packets than expected: {packets[count:][:5]}"
+    return packets
+
+
+class RawMember(threading.Thread):
+    """A raw member of ``cluster`` on node ``i`` that answers ``NAME:request``, in a thread."""
+
+    def __init__(self, lan: Lan, i: int, cluster: str, name: str) -> None:
+        super().__init__(name=f"member-{name}", daemon=True)
+        self.wire = raw_wire(lan, i, cluster)
+        self.label = name.encode()
+        self.served = 0
+        self.stopping = threading.Event()
+        self.ended: str | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                readable, _, _ = select.select([self.wire.sock], [], [], 0.05)
+                if not readable:
+                    continue
+                replies = [
+                    codec.Reply(p.request_id, self.label + b":" + p.request).encode()
+                    for p in self.wire.recv()
+                    if isinstance(p, codec.RequestDelivered)
+                ]
+                self.served += len(replies)
+                if replies:
+                    self.wire.send(b"".join(replies))
+        except (RelayError, OSError) as error:
+            self.ended = str(error)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.wire.close()
+
+
+def open_raw_tunnel(sender: Wire, receiver: Wire, cluster: str) -> tuple[int, int]:
+    """Open tunnel 1 from ``sender`` to member ``receiver`` (which names it 7 and grants
+    64 MiB, as the Go binding does); (the sender's initial credit, the chunk limit)."""
+    sender.send(codec.TunnelInit(1, cluster, 5000).encode())
+    [offer] = take(receiver, 1)
+    assert isinstance(offer, codec.TunnelOffered)
+    receiver.send_packets([codec.TunnelConfirm(offer.build_id, 7), codec.TunnelAllow(7, 64 << 20)])
+    credit, chunk_limit = 0, 0
+    sender.sock.settimeout(10)
+    while not chunk_limit:
+        for packet in sender.recv():
+            if isinstance(packet, codec.TunnelConfirmed):
+                chunk_limit = packet.chunk_limit
+            elif isinstance(packet, codec.TunnelAllow):
+                credit += packet.size
+    sender.send(codec.TunnelAllow(1, 64 << 20).encode())
+    return credit, chunk_limit
+
+
+@dataclass
+class Outcomes:
+    """Every request a requester sent: when, and each answer it got (exactly one, we hope)."""
+
+    sent_at: dict[int, float] = field(default_factory=dict)
+    answers: dict[int, list[tuple[float, Any]]] = field(default_factory=dict)
+
+
+def closed_loop(wire: Wire, cluster: str, slots: int, stop_at: float, timeout_ms: int) -> Outcomes:
+    """``slots`` requests in flight until ``stop_at``; then reads on until every request
+    has its answer and nothing more came for a while (a second answer would show)."""
+    out = Outcomes()
+    next_id = 0
+
+    def issue(count: int) -> None:
+        nonlocal next_id
+        now = time.monotonic()
+        frames = []
+        for request_id in range(next_id, next_id + count):
+            out.sent_at[request_id] = now
+            frames.append(codec.Request(request_id, cluster, b"%d" % request_id, timeout_ms))
+        next_id += count
+        wire.send_packets(frames)
+
+    issue(slots)
+    quiet_until = stop_at + timeout_ms / 1000 + 3.0
+    wire.sock.settimeout(0.1)
+    while time.monotonic() < quiet_until:
+        try:
+            packets = wire.recv()
+        except TimeoutError:
+            continue
+        now = time.monotonic()
+        answered = 0
+        for packet in packets:
+            if isinstance(packet, codec.Replied | codec.TimedOut | codec.Faulted):
+                answers = out.answers.setdefault(packet.request_id, [])
+                answered += not answers
+                answers.append((now, packet))
+        if answered and now < stop_at:
+            issue(answered)
+    return out
 
 
 # -- the agent (runs in the namespace) ---------------------------------------------------------

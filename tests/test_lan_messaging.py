@@ -17,7 +17,6 @@ chunks, so a 10 MiB tunnel message already works.
 from __future__ import annotations
 
 import random
-import select
 import signal
 import threading
 import time
@@ -31,7 +30,16 @@ from bench.relay_node import ProcStats, compile_node
 from bench.relay_wire import RelayError, Wire
 from relay import codec
 from tests.lan import Lan, LanError, host_links, netns_available, wait_until
-from tests.lan_apps import Apps, pattern, raw_wire
+from tests.lan_apps import (
+    Apps,
+    Outcomes,
+    RawMember,
+    closed_loop,
+    open_raw_tunnel,
+    pattern,
+    raw_wire,
+    take,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -103,59 +111,8 @@ def wait_in_tree(lan: Lan, nodes: list[int], kind: str, name: str, timeout: floa
     wait_until(joined, timeout, f"nodes {nodes} to join the tree of {kind} {name!r}")
 
 
-def take(wire: Wire, count: int, timeout: float = 10.0) -> list[Any]:
-    """The next ``count`` packets from ``wire`` (AssertionError after ``timeout``)."""
-    packets: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(packets) < count:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"got {len(packets)} of {count} packets: {packets[:5]}")
-        wire.sock.settimeout(left)
-        try:
-            packets += wire.recv()
-        except TimeoutError:
-            continue
-    assert len(packets) == count, f"more packets than expected: {packets[count:][:5]}"
-    return packets
-
-
 def rss(pid: int) -> int:
     return ProcStats(pid).rss()
-
-
-class RawMember(threading.Thread):
-    """A raw member of ``cluster`` on node ``i`` that answers ``NAME:request``, in a thread."""
-
-    def __init__(self, lan: Lan, i: int, cluster: str, name: str) -> None:
-        super().__init__(name=f"member-{name}", daemon=True)
-        self.wire = raw_wire(lan, i, cluster)
-        self.label = name.encode()
-        self.served = 0
-        self.stopping = threading.Event()
-        self.ended: str | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                readable, _, _ = select.select([self.wire.sock], [], [], 0.05)
-                if not readable:
-                    continue
-                replies = [
-                    codec.Reply(p.request_id, self.label + b":" + p.request).encode()
-                    for p in self.wire.recv()
-                    if isinstance(p, codec.RequestDelivered)
-                ]
-                self.served += len(replies)
-                if replies:
-                    self.wire.send(b"".join(replies))
-        except (RelayError, OSError) as error:
-            self.ended = str(error)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(5)
-        self.wire.close()
 
 
 # -- our bindings --------------------------------------------------------------------------
@@ -370,25 +327,6 @@ def test_a_receiver_that_stops_reading_stalls_the_sender_with_bounded_memory(net
         receiver.close()
 
 
-def open_raw_tunnel(sender: Wire, receiver: Wire, cluster: str) -> tuple[int, int]:
-    """Open tunnel 1 from ``sender`` to member ``receiver`` (which names it 7 and grants
-    64 MiB, as the Go binding does); (the sender's initial credit, the chunk limit)."""
-    sender.send(codec.TunnelInit(1, cluster, 5000).encode())
-    [offer] = take(receiver, 1)
-    assert isinstance(offer, codec.TunnelOffered)
-    receiver.send_packets([codec.TunnelConfirm(offer.build_id, 7), codec.TunnelAllow(7, 64 << 20)])
-    credit, chunk_limit = 0, 0
-    sender.sock.settimeout(10)
-    while not chunk_limit:
-        for packet in sender.recv():
-            if isinstance(packet, codec.TunnelConfirmed):
-                chunk_limit = packet.chunk_limit
-            elif isinstance(packet, codec.TunnelAllow):
-                credit += packet.size
-    sender.send(codec.TunnelAllow(1, 64 << 20).encode())
-    return credit, chunk_limit
-
-
 @pytest.mark.xfail(
     reason="main's link (overlay/link_twisted.py) fails with send-buffer-overflow once 16 MiB"
     " were written while the transport stayed paused, however little is buffered; the"
@@ -473,50 +411,6 @@ def test_the_benchmark_across_nodes_runs_on_this_lan(net: Net) -> None:
 
 
 # -- failure: runs last, it kills a node -------------------------------------------------------
-
-
-@dataclass
-class Outcomes:
-    """Every request a requester sent: when, and each answer it got (exactly one, we hope)."""
-
-    sent_at: dict[int, float] = field(default_factory=dict)
-    answers: dict[int, list[tuple[float, Any]]] = field(default_factory=dict)
-
-
-def closed_loop(wire: Wire, cluster: str, slots: int, stop_at: float, timeout_ms: int) -> Outcomes:
-    """``slots`` requests in flight until ``stop_at``; then reads on until every request
-    has its answer and nothing more came for a while (a second answer would show)."""
-    out = Outcomes()
-    next_id = 0
-
-    def issue(count: int) -> None:
-        nonlocal next_id
-        now = time.monotonic()
-        frames = []
-        for request_id in range(next_id, next_id + count):
-            out.sent_at[request_id] = now
-            frames.append(codec.Request(request_id, cluster, b"%d" % request_id, timeout_ms))
-        next_id += count
-        wire.send_packets(frames)
-
-    issue(slots)
-    quiet_until = stop_at + timeout_ms / 1000 + 3.0
-    wire.sock.settimeout(0.1)
-    while time.monotonic() < quiet_until:
-        try:
-            packets = wire.recv()
-        except TimeoutError:
-            continue
-        now = time.monotonic()
-        answered = 0
-        for packet in packets:
-            if isinstance(packet, codec.Replied | codec.TimedOut | codec.Faulted):
-                answers = out.answers.setdefault(packet.request_id, [])
-                answered += not answers
-                answers.append((now, packet))
-        if answered and now < stop_at:
-            issue(answered)
-    return out
 
 
 def test_sigkill_of_a_member_node_under_load(net: Net) -> None:

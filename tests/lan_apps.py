@@ -16,12 +16,16 @@ uses them:
 
 Every application that serves a cluster is an echo that says who it is
 (``NAME:request``), faults on ``fail:TEXT``, records the broadcasts it gets and
-echoes every tunnel message back.
+echoes every tunnel message back. Broadcasts and events are handled one at a time
+(``Limits(handlers=1)``), so they are recorded in the order the node delivered
+them: by default the bindings run up to 16 handlers at once in threads, and their
+order is then not the wire's.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import select
 import sys
@@ -251,7 +255,7 @@ class _Agent:
         return found
 
     def serve(self, name: str, cluster: str) -> Answer:
-        from relay.client import blocking, errors
+        from relay.client import Limits, ServiceLimits, blocking, errors
 
         agent = self
 
@@ -271,7 +275,8 @@ class _Agent:
                     except errors.ConnectionClosed:
                         return
 
-        service = blocking.register(cluster, Echo(), self.port)
+        one_at_a_time = ServiceLimits(broadcasts=Limits(handlers=1))
+        service = blocking.register(cluster, Echo(), self.port, limits=one_at_a_time)
         self.services[name] = service
         self.connections[name] = service.connection
         return {}
@@ -298,7 +303,10 @@ class _Agent:
         return {}
 
     def subscribe(self, name: str, topic: str) -> Answer:
-        self._connection(name).subscribe(topic, lambda event: self._record(name, topic, event))
+        from relay.client import Limits
+
+        record = functools.partial(self._record, name, topic)
+        self._connection(name).subscribe(topic, record, Limits(handlers=1))
         return {}
 
     def publish(self, name: str, topic: str, events: list[str]) -> Answer:

@@ -4,8 +4,10 @@ Workers are started once and reused by every scenario, so a scenario costs no
 process start-up and the quick run stays quick. Each worker talks to the
 coordinator over its own pipe:
 
-* coordinator → worker: ``("run", (role, params))``, ``("go", window)``, ``("stop", None)``,
-  ``("exit", None)``;
+* coordinator → worker: ``("run", (role, params, netns))``, ``("go", window)``,
+  ``("stop", None)``, ``("exit", None)``; with a network namespace's name as ``netns``
+  the role runs inside that namespace (the benchmark on a LAN, as root), else in the
+  worker's own;
 * worker → coordinator: ``("ready", info)`` once the role is connected and waiting,
   then ``("result", dict)`` or ``("error", text)``.
 
@@ -106,9 +108,10 @@ def _worker_main(pipe: Connection) -> None:
             return
         if kind != "run":
             continue  # a late "go" or "stop" for a role that already ended
-        role, params = value
+        role, params, netns = value
         try:
-            result = ROLES[role](Control(pipe), **params)
+            with _namespace(netns):
+                result = ROLES[role](Control(pipe), **params)
         except Stopped:
             result = {"stopped": True}
         except KeyboardInterrupt:
@@ -118,6 +121,16 @@ def _worker_main(pipe: Connection) -> None:
             pipe.send(("error", f"{role}: {type(error).__name__}: {error}\n{detail}"))
             continue
         pipe.send(("result", result))
+
+
+def _namespace(name: str | None) -> contextlib.AbstractContextManager[None]:
+    """Inside network namespace ``name`` for the block (this worker has one thread, so its
+    sockets are made there), or where the worker is if None."""
+    if name is None:
+        return contextlib.nullcontext()
+    from tests.lan import in_netns
+
+    return in_netns(name)
 
 
 class Worker:
@@ -143,9 +156,9 @@ class Worker:
     def pid(self) -> int | None:
         return self.process.pid
 
-    def run(self, role: str, params: dict[str, Any]) -> None:
+    def run(self, role: str, params: dict[str, Any], netns: str | None = None) -> None:
         self.busy = True
-        self.pipe.send(("run", (role, params)))
+        self.pipe.send(("run", (role, params, netns)))
 
     def go(self, window: Window) -> None:
         self.pipe.send(("go", tuple(window)))

@@ -119,7 +119,7 @@ def evaluate(scenarios: Sequence[Record], node: Record) -> list[Record]:
 # -- the human table ----------------------------------------------------------------------
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     if value >= 100:
         return f"{value:,.0f}"
     if value >= 10:
@@ -127,7 +127,7 @@ def _number(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _latency(us: float | None) -> str:
+def format_latency(us: float | None) -> str:
     if us is None:
         return "n/a"
     return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
@@ -146,7 +146,7 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def _render(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
     """Columns padded to width; the first ``left`` columns flush left, numbers flush right."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
@@ -176,12 +176,12 @@ def scenario_table(scenarios: Sequence[Record], checks: Sequence[Record]) -> str
         rows.append(
             [
                 name,
-                "n/a" if rate is None else f"{_number(rate)} {record['unit']}",
-                _latency(record.get("p50_us")),
-                _latency(record.get("p99_us")),
+                "n/a" if rate is None else f"{format_number(rate)} {record['unit']}",
+                format_latency(record.get("p50_us")),
+                format_latency(record.get("p99_us")),
                 _cpu(record),
                 "n/a" if record.get("node_busy") is None else f"{record['node_busy']:.0%}",
-                "—" if go is None else f"{_number(go['go'])}",
+                "—" if go is None else f"{format_number(go['go'])}",
                 _ratio(go["ratio_to_go"]) if go else "—",
                 "—"
                 if target is None
@@ -201,7 +201,7 @@ def scenario_table(scenarios: Sequence[Record], checks: Sequence[Record]) -> str
         "target",
         "vs target",
     ]
-    return _render(header, rows)
+    return render_table(header, rows)
 
 
 def checks_table(checks: Sequence[Record]) -> str:
@@ -218,7 +218,7 @@ def checks_table(checks: Sequence[Record]) -> str:
             [
                 check["label"],
                 check["unit"],
-                "n/a" if measured is None else _number(measured),
+                "n/a" if measured is None else format_number(measured),
                 "—" if check["go"] is None else f"{check['go']:,g}",
                 _ratio(check["ratio_to_go"]),
                 "—" if check["target"] is None else f"≤ {check['target']:g}",
@@ -226,7 +226,7 @@ def checks_table(checks: Sequence[Record]) -> str:
             ]
         )
     header = ["figure", "unit", "measured", "Go", "vs Go", "target", "verdict"]
-    return _render(header, rows, left=2)
+    return render_table(header, rows, left=2)
 
 
 def node_summary(node: Record) -> str:

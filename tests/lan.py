@@ -332,13 +332,18 @@ class Agent:
     It runs ``irisnode.cli.main(argv)`` in-process for each command and answers
     with the exit code and what was printed: the same contract as running the
     command, without a fresh interpreter (and Twisted import) each time.
+
+    Any other ``command`` that reads one JSON value per line and answers each
+    with one JSON line can be driven the same way through :meth:`ask` (the
+    applications of ``tests/lan_apps.py`` are).
     """
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, command: Sequence[str] | None = None) -> None:
         self.netns = netns
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        argv = command or [sys.executable, "-m", "tests.lan", "agent"]
         self.popen = subprocess.Popen(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "tests.lan", "agent"],
+            ["ip", "netns", "exec", netns, *argv],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -350,20 +355,25 @@ class Agent:
 
     def run(self, argv: Sequence[str] | None, timeout: float) -> subprocess.CompletedProcess[str]:
         """``irisnode ARGV`` in the agent; None only checks that it is up."""
+        answer = self.ask(None if argv is None else list(argv), timeout)
+        return subprocess.CompletedProcess(
+            ["irisnode", *(argv or [])], answer["code"], answer["stdout"], answer["stderr"]
+        )
+
+    def ask(self, question: object, timeout: float) -> Any:
+        """Send one JSON value, return the JSON answer; TimeoutExpired (the agent is
+        then killed, its stderr in the exception) if none comes within ``timeout``."""
         stdin, stdout = self.popen.stdin, self.popen.stdout
         assert stdin is not None and stdout is not None
         with self._lock:
-            stdin.write(json.dumps(None if argv is None else list(argv)).encode() + b"\n")
+            stdin.write(json.dumps(question).encode() + b"\n")
             stdin.flush()
             ready, _, _ = select.select([stdout], [], [], timeout)
             line = stdout.readline() if ready else b""
         if not line:
             errors = self.stop()
-            raise subprocess.TimeoutExpired(["irisnode", *(argv or [])], timeout, stderr=errors)
-        answer = json.loads(line)
-        return subprocess.CompletedProcess(
-            ["irisnode", *(argv or [])], answer["code"], answer["stdout"], answer["stderr"]
-        )
+            raise subprocess.TimeoutExpired(self.popen.args, timeout, stderr=errors)
+        return json.loads(line)
 
     def stop(self) -> str:
         """Kill the agent (by pid); what it wrote to stderr."""
@@ -555,6 +565,8 @@ class Lan:
         self.processes: list[Process] = []
         self.nodes: dict[int, Node] = {}
         self._agents: dict[str, Agent] = {}
+        self.agents: list[Agent] = []
+        """Agents of other commands (:meth:`start_agent`), stopped by :meth:`close`."""
         self._created: list[str] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._key: Path | None = None
@@ -630,9 +642,10 @@ class Lan:
     def close(self) -> None:
         """Kill every process started here (by pid), delete every namespace created
         here, and check that none is left; raises LanError if something stayed."""
-        for agent in self._agents.values():
+        for agent in [*self._agents.values(), *self.agents]:
             agent.stop()
         self._agents.clear()
+        self.agents.clear()
         for process in self.processes:
             process.stop(grace=2.0)
         problems = [f"pid {p.pid} still running" for p in self.processes if p.alive]
@@ -799,6 +812,13 @@ class Lan:
                 command, cwd=ROOT, capture_output=True, text=True, timeout=timeout
             )
         return self._agent(i).run(argv, timeout)
+
+    def start_agent(self, i: int, command: Sequence[str]) -> Agent:
+        """An agent running ``command`` in namespace ``i`` (see :class:`Agent`), killed
+        by :meth:`close`. Start it from a thread that lives as long as the LAN."""
+        agent = Agent(self.namespaces[i], command)
+        self.agents.append(agent)
+        return agent
 
     def start_agents(self, indices: Sequence[int] | None = None, timeout: float = 20.0) -> None:
         """Start the agents of ``indices`` (default: all) and wait until they answer,

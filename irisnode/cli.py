@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from irisnode import __version__
 from irisnode.commands import COMMANDS, suggestion
-from irisnode.commands.common import HelpFormatter
+from irisnode.commands.common import HelpFormatter, seconds
 from irisnode.commands.common import port_number as _port
 
 if TYPE_CHECKING:
@@ -218,16 +218,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 def add_limit_options(parser: argparse.ArgumentParser) -> None:
     """What the node holds for applications (docs/backpressure.md); defaults in the dataclasses."""
     limits = parser.add_argument_group("limits", "what one node holds for its applications")
@@ -247,7 +237,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--max-timeout",
-        type=_seconds,
+        type=seconds,
         default=600.0,
         metavar="SECONDS",
         help="longest request timeout honoured; longer ones are shortened (default 600)",
@@ -268,7 +258,7 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--packet-timeout",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="time a packet that has begun may take to arrive whole (default 10)",

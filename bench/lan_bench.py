@@ -218,68 +218,12 @@ async def _link_throughput(reactor: Any, options: argparse.Namespace) -> Record:
 
 
 async def _raw_throughput(reactor: Any, options: argparse.Namespace) -> Record:
-    from twisted.internet.defer import Deferred, succeed
-    from twisted.internet.interfaces import IConsumer, IPushProducer
-    from twisted.internet.protocol import ClientFactory, Protocol
-    from zope.interface import implementer
+    from bench.raw_tcp import push
 
-    @implementer(IPushProducer)
-    class Pusher(Protocol):
-        paused = False
-        writable: Deferred[None] | None = None
-
-        def __init__(self) -> None:
-            self.up: Deferred[None] = Deferred()
-            self.answer: Deferred[bytes] = Deferred()
-
-        def connectionMade(self) -> None:
-            assert self.transport is not None
-            IConsumer(self.transport).registerProducer(self, True)
-            self.up.callback(None)
-
-        def dataReceived(self, data: bytes) -> None:
-            if not self.answer.called:
-                self.answer.callback(data)
-
-        def pauseProducing(self) -> None:
-            self.paused = True
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-            waiting, self.writable = self.writable, None
-            if waiting is not None:
-                waiting.callback(None)
-
-        def stopProducing(self) -> None:
-            self.resumeProducing()
-
-        def wait_writable(self) -> Deferred[None]:
-            if not self.paused:
-                return succeed(None)
-            self.writable = Deferred()
-            return self.writable
-
-    pusher = Pusher()
-    factory = ClientFactory()
-    factory.protocol = lambda: pusher
-    reactor.connectTCP(options.host, RAW_PORT, factory)
-    await pusher.up
-    assert pusher.transport is not None
     payload = os.urandom(options.frame_size)
-    sent = 0
-    cpu = time.process_time()
-    start = time.perf_counter()
-    deadline = start + options.seconds
-    while time.perf_counter() < deadline:
-        while not pusher.paused:
-            pusher.transport.write(payload)
-            sent += len(payload)
-        await pusher.wait_writable()
-    pusher.transport.loseWriteConnection()  # type: ignore[attr-defined]
-    answer = await pusher.answer
-    elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu
-    pusher.transport.loseConnection()
+    sent, answer, elapsed, cpu = await push(
+        reactor, options.host, RAW_PORT, payload, options.seconds
+    )
     if int(answer) != sent:
         raise RuntimeError(f"the receiver got {int(answer)} bytes of {sent}")
     return {"mb_per_s": sent / elapsed / 1e6, "bytes": sent, "seconds": elapsed, "cpu_s": cpu}

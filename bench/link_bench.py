@@ -377,73 +377,19 @@ async def _drain(reactor: Any) -> None:
 
 async def send_raw(reactor: Any, options: argparse.Namespace) -> Record:
     """Raw TCP writes of the same 1 MiB chunks on the same path, as fast as TCP takes them."""
-    from twisted.internet.defer import Deferred, succeed
-    from twisted.internet.interfaces import IConsumer, IPushProducer
-    from twisted.internet.protocol import ClientFactory, Protocol
-    from zope.interface import implementer
+    from bench.raw_tcp import push
 
-    @implementer(IPushProducer)
-    class Pusher(Protocol):
-        paused = False
-        writable: Deferred[None] | None = None
-
-        def __init__(self) -> None:
-            self.up: Deferred[None] = Deferred()
-            self.answer: Deferred[bytes] = Deferred()
-
-        def connectionMade(self) -> None:
-            assert self.transport is not None
-            IConsumer(self.transport).registerProducer(self, True)
-            self.up.callback(None)
-
-        def dataReceived(self, data: bytes) -> None:
-            _fire(self.answer, data)
-
-        def pauseProducing(self) -> None:
-            self.paused = True
-
-        def resumeProducing(self) -> None:
-            self.paused = False
-            waiting, self.writable = self.writable, None
-            if waiting is not None:
-                waiting.callback(None)
-
-        def stopProducing(self) -> None:
-            self.resumeProducing()
-
-        def wait_writable(self) -> Deferred[None]:
-            if not self.paused:
-                return succeed(None)
-            self.writable = Deferred()
-            return self.writable
-
-    pusher = Pusher()
-    factory = ClientFactory()
-    factory.protocol = lambda: pusher
-    reactor.connectTCP(options.host, RAW_PORT, factory)
-    await pusher.up
-    assert pusher.transport is not None
-    chunk = os.urandom(CHUNK)
-    sent = 0
-    cpu = time.process_time()
-    start = time.perf_counter()
-    while time.perf_counter() - start < options.seconds:
-        while not pusher.paused:
-            pusher.transport.write(chunk)
-            sent += CHUNK
-        await pusher.wait_writable()
-    pusher.transport.loseWriteConnection()  # type: ignore[attr-defined]
-    count, receiver_cpu = (await pusher.answer).split()
-    counted = int(count)
-    elapsed = time.perf_counter() - start
-    pusher.transport.loseConnection()
-    if counted != sent:
-        raise RuntimeError(f"the receiver got {counted} bytes of {sent}")
+    sent, answer, elapsed, cpu = await push(
+        reactor, options.host, RAW_PORT, os.urandom(CHUNK), options.seconds
+    )
+    count, receiver_cpu = answer.split()
+    if int(count) != sent:
+        raise RuntimeError(f"the receiver got {int(count)} bytes of {sent}")
     return {
         "mb_per_s": sent / elapsed / 1e6,
         "bytes": sent,
         "seconds": elapsed,
-        "cpu_s": time.process_time() - cpu,
+        "cpu_s": cpu,
         "receiver_cpu_s": float(receiver_cpu),
     }
 

@@ -36,9 +36,11 @@ from typing import Any, TypeVar
 
 from irisnode import tunnel
 from irisnode.api import TUNNEL_CONFIRM_SECONDS, is_reserved
-from irisnode.limits import REQUEST_OVERHEAD, ByteBudget, LimitExceeded, MessagingLimits
+from irisnode.limits import REQUEST_OVERHEAD, MessagingLimits
 from relay.ports import (
     DEFAULT_CHUNK_LIMIT,
+    ByteBudget,
+    LimitExceeded,
     Member,
     Party,
     Requester,

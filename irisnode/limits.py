@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.ports import ByteBudget, LimitExceeded
-
-__all__ = ["MIB", "REQUEST_OVERHEAD", "ByteBudget", "LimitExceeded", "MessagingLimits"]
-
 MIB = 1 << 20
 
 REQUEST_OVERHEAD = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from irisnode.api import is_reserved
-from irisnode.limits import REQUEST_OVERHEAD, ByteBudget, MessagingLimits
+from irisnode.limits import REQUEST_OVERHEAD, MessagingLimits
 from irisnode.system import MAX_FAULT, fault_text
 from relay import codec
 from relay.codec import (
@@ -31,6 +31,7 @@ from relay.codec import (
     TunnelInit,
     TunnelOffered,
 )
+from relay.ports import ByteBudget
 from relay.session import SharedEncoding, State
 from tests.test_session import Harness
 
